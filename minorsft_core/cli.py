@@ -1,0 +1,94 @@
+"""The ``minorsft`` command. Stage commands take their options from the stage's config
+dataclass (one source of truth for names, defaults and help), import their stage
+lazily, and map failures to exit codes a batch system can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from typing import Optional
+
+import typer
+
+from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, load_config
+from minorsft_core.data import DataError
+from minorsft_core.schema import ContractError
+
+# Exit codes (documented in the README): retrying helps only with EXIT_ENGINE / EXIT_PREEMPTED.
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad option or config value
+EXIT_BAD_INPUT = 3  # input data, model directory or stage-one output unusable as given
+EXIT_ENGINE = 4  # the engine or trainer failed at run time
+EXIT_DRIFT = 5  # stage two: step-one deviation over --drift-tolerance
+EXIT_PREEMPTED = 143  # stage two: checkpointed on SIGTERM/SIGINT; re-run to resume
+
+app = typer.Typer(
+    help="MinorSFT fine-tuning (arXiv 2408.10642): precompute reference log-probs, then train.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_OPTION_TYPES = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": Optional[bool]}
+
+
+def _fail(code: int, message: str) -> None:
+    typer.echo(f"minorsft: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config_command(config_cls, runner_path: str, doc: str):
+    """A typer command whose options are ``config_cls``'s fields plus ``--config YAML``."""
+    params = [
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(None, "--config", help="YAML file of options; flags given here override it"),
+        )
+    ]
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type == "bool":
+            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        else:
+            shown = "" if f.default is None else f" [default: {f.default}]"
+            option = typer.Option(None, flag, help=help_text + shown, show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=_OPTION_TYPES[f.type], default=option))
+
+    def command(**options):
+        config_path = options.pop("config")
+        try:
+            config = load_config(config_cls, config_path, options)
+        except ConfigError as err:
+            _fail(EXIT_USAGE, str(err))
+        module_name, func_name = runner_path.split(":")
+        runner = getattr(__import__(module_name, fromlist=[func_name]), func_name)
+        try:
+            code = runner(config)
+        except (DataError, ContractError, FileNotFoundError) as err:
+            _fail(EXIT_BAD_INPUT, str(err))
+        raise typer.Exit(code or EXIT_OK)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    return command
+
+
+app.command("precompute")(_config_command(
+    PrecomputeConfig, "precompute.run:main",
+    "Stage one: score every sample with the frozen reference model into Parquet shards.",
+))
+app.command("train")(_config_command(
+    TrainConfig, "train.run:main",
+    "Stage two: DeepSpeed ZeRO-3 training with MinorSFT / SFT / SFT-using-DPO on the shards.",
+))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

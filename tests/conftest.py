@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny Qwen2 model and ChatML tokenizer built locally (no hub),
+once per test session, reused by every integration test."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+WORDS = (
+    "the a model answer question data train loss token reference policy learn small large "
+    "quick brown fox jumps over lazy dog cat river mountain blue green red number one two three "
+    "four five why how what when where because therefore however and or not is are was were"
+).split()
+
+
+def make_texts(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))) + "." for _ in range(n)]
+
+
+def make_records(n: int, seed: int = 1) -> list[dict]:
+    """Varied prompt/completion records of different lengths."""
+    rng = random.Random(seed)
+    records = []
+    for k in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 25)))
+        completion = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
+        records.append({"id": f"s{k}", "prompt": prompt + "?", "completion": completion + "."})
+    return records
+
+
+def write_jsonl(path, records) -> None:
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A Hugging Face directory: random fp32 Qwen2 (2 layers, hidden 64) + BPE tokenizer
+    with Qwen2's ChatML template, saved as safetensors."""
+    from minorsft_core.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), make_texts(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
