@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Optional
 
 import typer
 
@@ -30,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_OPTION_TYPES = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": Optional[bool]}
+_OPTION_TYPES = {"int": int | None, "float": float | None, "str": str | None, "bool": bool | None}
 
 
 def _fail(code: int, message: str) -> None:
@@ -42,7 +41,7 @@ def _config_command(config_cls, runner_path: str, doc: str):
     """A typer command whose options are ``config_cls``'s fields plus ``--config YAML``."""
     params = [
         inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
             default=typer.Option(None, "--config", help="YAML file of options; flags given here override it"),
         )
     ]

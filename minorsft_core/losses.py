@@ -25,6 +25,11 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_ROWS = 1024
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or wider when the logits already are (float64 in gradchecks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _SelectedTokenLogps(torch.autograd.Function):
     """log_softmax(logits2d[rows])[targets] for a list of rows, chunked.
 
@@ -35,10 +40,11 @@ class _SelectedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d, rows, targets, chunk_rows):
-        out = torch.empty(rows.numel(), dtype=torch.float32, device=logits2d.device)
+        compute_dtype = _compute_dtype(logits2d.dtype)
+        out = torch.empty(rows.numel(), dtype=compute_dtype, device=logits2d.device)
         for start in range(0, rows.numel(), chunk_rows):
             stop = start + chunk_rows
-            block = logits2d[rows[start:stop]].float()
+            block = logits2d[rows[start:stop]].to(compute_dtype)
             picked = block.gather(1, targets[start:stop, None]).squeeze(1)
             out[start:stop] = picked - torch.logsumexp(block, dim=-1)
         ctx.save_for_backward(logits2d, rows, targets)
@@ -52,8 +58,8 @@ class _SelectedTokenLogps(torch.autograd.Function):
         # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
         for start in range(0, rows.numel(), ctx.chunk_rows):
             stop = start + ctx.chunk_rows
-            block = logits2d[rows[start:stop]].float()
-            g = grad_out[start:stop, None].float()
+            block = logits2d[rows[start:stop]].to(grad_out.dtype)
+            g = grad_out[start:stop, None]
             block_grad = torch.softmax(block, dim=-1).mul_(-g)
             block_grad.scatter_add_(1, targets[start:stop, None], g)
             grad_logits[rows[start:stop]] = block_grad.to(grad_logits.dtype)
@@ -67,7 +73,7 @@ def token_logps(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
-    """Per-token answer log-probs, fp32, ``[B, T]``; 0 where ``completion_mask`` is 0.
+    """Per-token answer log-probs, fp32 (fp64 for fp64 logits), ``[B, T]``; 0 off the answer.
 
     Token ``input_ids[b, t]`` is predicted by ``logits[b, t - 1]``, so position 0 can
     never be an answer token. The log-softmax is taken in fp32 whatever the dtype of
@@ -99,7 +105,7 @@ def token_logps(
     rows = b_idx * seq_len + (t_idx - 1)
     targets = input_ids[b_idx, t_idx].long()
     picked = _SelectedTokenLogps.apply(logits.reshape(-1, vocab), rows, targets, chunk_rows)
-    flat = torch.zeros(batch * seq_len, dtype=torch.float32, device=logits.device)
+    flat = torch.zeros(batch * seq_len, dtype=picked.dtype, device=logits.device)
     flat = flat.index_put((b_idx * seq_len + t_idx,), picked)
     return flat.view(batch, seq_len)
 
