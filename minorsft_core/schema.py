@@ -117,7 +117,7 @@ class ShardMetadata:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, source: str) -> "ShardMetadata":
+    def from_json(cls, raw: bytes, source: str) -> ShardMetadata:
         try:
             fields = json.loads(raw)
         except json.JSONDecodeError as err:
