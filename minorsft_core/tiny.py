@@ -51,9 +51,13 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 
 def build_model(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                num_heads: int = 2, num_kv_heads: int = 1, intermediate_size: int = 128,
                 max_position_embeddings: int = 2048):
-    """A randomly initialised Qwen2ForCausalLM over ``tokenizer``'s vocabulary (fp32)."""
+    """A randomly initialised Qwen2ForCausalLM over ``tokenizer``'s vocabulary (fp32).
+
+    Head size is ``hidden_size / num_heads``: vLLM's CPU attention supports head sizes
+    of 32 and up only, so the defaults give 32 (16 fails at engine start).
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
