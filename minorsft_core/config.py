@@ -133,7 +133,9 @@ class TrainConfig:
         _check(self)
         _positive(self, "lr", "global_batch_size", "micro_batch_size", "epochs", "max_steps", "save_steps",
                   "save_total_limit")
-        _positive(self, "beta", "weight_decay", "max_grad_norm", "drift_tolerance")
+        _positive(self, "beta", "drift_tolerance")
+        # 0 is meaningful for these two: no weight decay, no clipping.
+        _positive(self, "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.global_batch_size % self.micro_batch_size:
