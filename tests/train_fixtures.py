@@ -1,0 +1,104 @@
+"""Stage-one output for the trainer's tests and benchmark, built from the core alone
+(render with ``SampleRenderer``, score with an HF fp32 forward through
+``sequence_logps``, write with ``write_shard``), so stage two is tested without
+depending on stage one's code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from minorsft_core import schema
+from minorsft_core.data import SampleRenderer
+from minorsft_core.losses import sequence_logps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def score(model, samples) -> list[float]:
+    """Reference log-prob sums, one unpadded fp32 forward per sample."""
+    out = []
+    for sample in samples:
+        ids = torch.tensor([sample.input_ids])
+        logits = model(input_ids=ids).logits
+        out.append(float(sequence_logps(logits, ids, torch.tensor([sample.completion_mask]))[0]))
+    return out
+
+
+def write_stage_one_output(model_dir: Path, records: list[dict], output: Path, *, chunk_rows: int = 1000,
+                           reference_fingerprint: str | None = None, rejected_rows: int = 0) -> Path:
+    """Score ``records`` with the model in ``model_dir`` into ``output`` as stage one would.
+
+    ``rejected_rows`` pretends the last N input rows were rejected (too long), so the
+    directory is complete with rejects. ``reference_fingerprint`` overrides the real one
+    (to build mixed-reference directories).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    renderer = SampleRenderer(tokenizer, data_format="prompt_completion", max_seq_len=512)
+    output.mkdir(parents=True, exist_ok=True)
+    num_input_rows = len(records) + rejected_rows
+    run_fields = dict(
+        reference_model=str(model_dir),
+        reference_fingerprint=reference_fingerprint or schema.model_fingerprint(model_dir),
+        tokenizer_fingerprint=schema.tokenizer_fingerprint(tokenizer),
+        template="chat", max_seq_len=512, truncate_answer=False, engine="hf",
+        engine_version="test", dtype="float32", data_fingerprint="test-data", data_format="prompt_completion",
+        num_input_rows=num_input_rows, chunk_rows=chunk_rows, with_token_logps=False,
+    )
+    for chunk in range(max(1, -(-num_input_rows // chunk_rows))):
+        start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, num_input_rows)
+        samples = [renderer.render(row, records[row]) for row in range(start, min(stop, len(records)))]
+        rejects = [row for row in range(start, stop) if row >= len(records)]
+        table = pa.table({
+            schema.SAMPLE_ID: [s.sample_id for s in samples],
+            schema.INPUT_IDS: [s.input_ids for s in samples],
+            schema.COMPLETION_MASK: [s.completion_mask for s in samples],
+            schema.ANSWER_LEN: [s.answer_len for s in samples],
+            schema.REF_LOGP_SUM: score(model, samples),
+        })
+        if rejects:
+            schema.rejects_path(output, chunk).write_text(
+                "".join(f'{{"row": {row}, "reason": "too_long", "detail": "test"}}\n' for row in rejects))
+        meta = schema.ShardMetadata(**run_fields, chunk_index=chunk, rows_scored=len(samples),
+                                    rows_rejected=len(rejects))
+        schema.write_shard(schema.shard_path(output, chunk), table, meta)
+    return output
+
+
+def perturbed_copy(model_dir: Path, output: Path, *, scale: float, seed: int = 7) -> Path:
+    """``model_dir`` with Gaussian noise added to every weight: a policy that is not the
+    reference, with the same tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output)
+    return output
+
+
+def train_command(*args, ranks: int = 1) -> list[str]:
+    """``minorsft train ARGS`` alone, or under torchrun with ``ranks`` processes."""
+    minorsft = str(Path(sys.executable).with_name("minorsft"))
+    if ranks == 1:
+        return [minorsft, "train", *map(str, args)]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--standalone", f"--nproc_per_node={ranks}", minorsft, "train", *map(str, args)]
+
+
+def run_train(*args, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(train_command(*args, ranks=ranks), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

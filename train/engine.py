@@ -1,0 +1,203 @@
+"""Everything DeepSpeed, behind a few functions: the only module of the project that
+imports it.
+
+- ``init_distributed``: one process with no launcher environment becomes a one-rank
+  group; under ``torchrun`` or the ``deepspeed`` launcher the ranks come from the
+  environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+- ``ds_config``: the DeepSpeed JSON built from ``TrainConfig`` (or the user's JSON with
+  its batch, precision and optimizer keys set from it).
+- ``load_policy`` / ``load_reference``: ZeRO-3 partitioned loading (transformers'
+  ``HfDeepSpeedConfig`` must exist before ``from_pretrained`` so no rank ever holds
+  the whole model), then ``deepspeed.initialize``.
+- checkpoints (DeepSpeed's, plus per-rank RNG state) and the final HF directory
+  gathered from the partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+
+# Without a GPU DeepSpeed must be told to use its CPU accelerator before it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
+# micro-step would drown the progress bar and the real warnings.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+LATEST = "latest"  # DeepSpeed's file naming the newest complete checkpoint tag
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, alone, create) the process group; return ``(rank, world_size, device)``."""
+    if "RANK" not in os.environ:
+        # `minorsft train` run directly: a group of one, so the same code path (ZeRO-3,
+        # collectives) runs everywhere.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if ON_GPU:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
+    device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if ON_GPU else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config of the policy. The user's ``--deepspeed`` JSON keeps its ZeRO
+    and offload settings; batch sizes, precision, clipping and optimizer always come from
+    ``config`` so the two can never disagree."""
+    base = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else {}
+    zero = base.setdefault("zero_optimization", {})
+    zero.setdefault("stage", config.zero_stage)
+    if zero["stage"] == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    base.update(
+        train_batch_size=config.global_batch_size,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        gradient_clipping=config.max_grad_norm,
+        bf16={"enabled": dtype == torch.bfloat16},
+        fp16={"enabled": False},
+        steps_per_print=10**9,  # metrics.jsonl is the log; DeepSpeed's own would duplicate it
+        optimizer={"type": "AdamW", "params": {
+            "lr": config.lr, "betas": [config.adam_beta1, config.adam_beta2], "eps": 1e-8,
+            "weight_decay": config.weight_decay,
+            # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW is the CPU path.
+            "torch_adam": not ON_GPU,
+        }},
+    )
+    base.pop("scheduler", None)  # ours: see linear_schedule
+    return base
+
+
+def reference_ds_config(policy_config: dict) -> dict:
+    """A frozen model's config: same ZeRO stage and precision, no optimizer."""
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16",
+            "fp16", "zero_optimization", "steps_per_print")
+    return {key: policy_config[key] for key in keep if key in policy_config}
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """Linear warm-up to the peak lr over ``warmup_steps`` updates, then linear decay
+    towards 0 at ``total_steps`` (paper: warm-up ratio 0.1, linear decay). The first
+    update already has lr > 0, and so has the last. DeepSpeed's WarmupDecayLR forces at
+    least 2 warm-up steps, which would make ``--warmup-ratio 0`` a lie."""
+
+    def factor(update: int) -> float:  # update = 0 for the first optimizer step
+        if update < warmup_steps:
+            return (update + 1) / warmup_steps
+        return max(total_steps - update, 0) / max(total_steps - warmup_steps, 1)
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _from_pretrained(path: str, ds: dict, config, dtype: torch.dtype):
+    # Must be alive while from_pretrained runs: transformers then builds the model under
+    # deepspeed.zero.Init and loads each rank's partition only.
+    hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def load_policy(config, ds: dict, dtype: torch.dtype, *, total_steps: int, warmup_steps: int):
+    """The trainable policy as a DeepSpeed engine (optimizer and lr schedule inside)."""
+    model = _from_pretrained(config.model, ds, config, dtype)
+    model.config.use_cache = False  # a KV cache is only for generation
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    engine, *_ = deepspeed.initialize(
+        model=model, config=ds, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=linear_schedule(total_steps, warmup_steps),
+    )
+    return engine
+
+
+def load_reference(path: str, ds: dict, config, dtype: torch.dtype):
+    """A frozen copy as a ZeRO inference engine (the ``--reference online`` baseline)."""
+    model = _from_pretrained(path, ds, config, dtype)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _rng_path(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rng-rank{rank:05d}.pt"
+
+
+def save_checkpoint(engine, root: Path, step: int, keep: int) -> None:
+    """A collective: every rank writes its ZeRO partition, optimizer and RNG state.
+
+    DeepSpeed updates ``root/latest`` only after the tag is written, so a kill during
+    the save leaves the previous checkpoint in charge. Then the oldest tags beyond
+    ``keep`` are removed.
+    """
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if ON_GPU else None}
+    torch.save(rng, _rng_path(root / tag, dist.get_rank()))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine, root: Path) -> int:
+    """Restore the newest checkpoint under ``root``; return its step (0: none, fresh start)."""
+    if not (root / LATEST).exists():
+        return 0
+    path, client_state = engine.load_checkpoint(str(root))
+    if path is None:
+        raise RuntimeError(f"{root}: could not load the checkpoint named by {root / LATEST}")
+    tag = (root / LATEST).read_text().strip()
+    rng = torch.load(_rng_path(root / tag, dist.get_rank()), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if ON_GPU and rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(client_state["step"])
+
+
+def save_final(engine, tokenizer, output: Path) -> None:
+    """Write a Hugging Face directory (config, safetensors, tokenizer, generation config),
+    gathering ZeRO-3 partitions onto rank 0 (a collective: every rank calls it)."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights() \
+        else engine.module.state_dict()
+    if dist.get_rank() == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        model = engine.module
+        model.config.use_cache = True  # restore the generation default turned off for training
+        model.save_pretrained(output, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(output)
+    dist.barrier()
