@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from typing import Annotated
 
 import typer
 
@@ -83,6 +84,22 @@ app.command("train")(_config_command(
     TrainConfig, "train.run:main",
     "Stage two: DeepSpeed ZeRO-3 training with MinorSFT / SFT / SFT-using-DPO on the shards.",
 ))
+
+
+@app.command("plot")
+def plot(
+    run_dirs: Annotated[list[str], typer.Argument(help="`minorsft train --output` directories")],
+    out: Annotated[str, typer.Option("--out", help="image to write (.png, .pdf, .svg)")],
+    title: Annotated[str | None, typer.Option("--title", help="figure title")] = None,
+) -> None:
+    """Deviation (Eq. 8), loss and mean coefficient against step for several runs (Figure 1)."""
+    from minorsft_core.plot import plot_runs
+
+    try:
+        path = plot_runs(run_dirs, out, title)
+    except FileNotFoundError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:
