@@ -73,6 +73,8 @@ class PrecomputeConfig:
     max_batch_tokens: int = field(16384, help="hf engine: padded tokens per forward batch")
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds); default 0.9 on GPU, 0.15 on CPU")
+    enforce_eager: bool = field(False, help="vLLM: no torch.compile / CUDA graphs; starts ~10 s sooner, "
+                                            "scores slower (small jobs, tests)")
     store_token_logps: bool = field(False, help="also store per-token reference log-probs (ref_token_logps)")
     trust_remote_code: bool = field(False, help="allow model code from the model directory (off: safer)")
     seed: int = field(0, help="engine seed")
