@@ -1,0 +1,205 @@
+"""`minorsft train` for real: DeepSpeed ZeRO-3 on CPU (gloo), fp32, one rank and two
+(torchrun). Each run is a module-scoped fixture shared by the assertions about it.
+
+The first multi-rank run on a fresh machine JIT-builds DeepSpeed's CPU comm op
+(~80 s, cached under ~/.cache afterwards)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_records
+from train_fixtures import REPO, perturbed_copy, run_train, score, train_command, write_stage_one_output
+
+from minorsft_core.cli import EXIT_DRIFT, EXIT_PREEMPTED
+from minorsft_core.data import SampleRenderer
+from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID
+from train.metrics import METRIC_KEYS, read_metrics
+
+pytestmark = pytest.mark.slow
+
+BETA = 0.04
+N = 8  # samples = one global batch, so step 1 sees every sample
+TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_dir, tmp_path_factory):
+    return write_stage_one_output(tiny_model_dir, make_records(N, seed=5), tmp_path_factory.mktemp("shards"),
+                                  chunk_rows=5)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir, tmp_path_factory):
+    """Not the reference: every delta_i is nonzero, so the coefficients vary."""
+    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("policy"), scale=0.02)
+
+
+def _common(data, policy, output, *extra):
+    return ["--data", data, "--model", policy, "--output", output, "--global-batch-size", N, "--max-steps", 2,
+            "--beta", BETA, "--lr", 1e-3, "--warmup-ratio", 0, "--dtype", "float32", "--drift-tolerance", 100,
+            *extra]
+
+
+def _ok(result: subprocess.CompletedProcess, code: int = 0):
+    assert result.returncode == code, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def full_batch_run(data, policy, tmp_path_factory):
+    """World 1 x micro 8 x accumulation 1."""
+    output = tmp_path_factory.mktemp("w1")
+    _ok(run_train(*_common(data, policy, output, "--micro-batch-size", N)))
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, policy, tmp_path_factory):
+    """World 2 x micro 2 x accumulation 2 on the same global batches."""
+    output = tmp_path_factory.mktemp("w2")
+    result = _ok(run_train(*_common(data, policy, output, "--micro-batch-size", 2), ranks=2, timeout=400))
+    assert "2 ranks x 2 accumulation x 2 micro" in result.stderr
+    return output
+
+
+def _weights(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+
+
+def test_step_one_metrics_equal_spec_from_an_independent_forward(full_batch_run, data, policy, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = read_metrics(full_batch_run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(tuple(m) == METRIC_KEYS for m in metrics)
+    table = pa.concat_tables([pq.read_table(path) for path in sorted(data.glob("shard-*.parquet"))])
+    by_id = {sid: (ref, m) for sid, ref, m in zip(table[SAMPLE_ID].to_pylist(), table[REF_LOGP_SUM].to_pylist(),
+                                                  table[ANSWER_LEN].to_pylist(), strict=True)}
+    renderer = SampleRenderer(AutoTokenizer.from_pretrained(policy), data_format="prompt_completion")
+    samples = [renderer.render(k, r) for k, r in enumerate(make_records(N, seed=5))]
+    logp = score(AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval(), samples)
+    ref = [by_id[s.sample_id][0] for s in samples]
+    m = [by_id[s.sample_id][1] for s in samples]
+    delta = [a - b for a, b in zip(logp, ref, strict=True)]
+    coef = [2 / (1 + math.exp(BETA * d)) for d in delta]  # 2 sigma(-beta delta)
+    first = metrics[0]
+    assert first["deviation"] == pytest.approx(sum(d / k for d, k in zip(delta, m, strict=True)) / N, abs=1e-6)
+    assert abs(first["deviation"]) > 1e-3  # the policy really is not the reference
+    assert first["loss"] == pytest.approx(
+        sum(w * -lp / k for w, lp, k in zip(coef, logp, m, strict=True)) / N, rel=1e-6)
+    assert first["coef_mean"] == pytest.approx(sum(coef) / N, rel=1e-6)
+    assert first["coef_min"] == pytest.approx(min(coef), rel=1e-6)
+    assert first["coef_max"] == pytest.approx(max(coef), rel=1e-6)
+    assert first["policy_logp_per_token"] == pytest.approx(sum(logp) / sum(m), rel=1e-6)
+    assert first["ref_logp_per_token"] == pytest.approx(sum(ref) / sum(m), rel=1e-6)
+    assert first["lr"] == pytest.approx(1e-3)
+    assert 0 <= first["padding_fraction"] < 1 and first["grad_norm"] > 0
+
+
+def test_final_model_loads_and_differs_from_the_initial_one(full_batch_run, policy):
+    from transformers import AutoTokenizer
+
+    final = full_batch_run / "final"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (final / name).exists(), name
+    AutoTokenizer.from_pretrained(final)
+    trained, initial = _weights(final), _weights(policy)
+    assert trained.keys() == initial.keys()
+    assert all(trained[k].shape == initial[k].shape for k in trained)
+    assert max((trained[k] - initial[k]).abs().max().item() for k in trained) > 1e-4
+    summary = json.loads((full_batch_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 2
+    assert (full_batch_run / "config.yaml").exists()
+
+
+def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, two_rank_run):
+    one, two = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(two_rank_run / "metrics.jsonl")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "deviation", "coef_mean", "coef_min", "coef_max", "lr", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    w1, w2 = _weights(full_batch_run / "final"), _weights(two_rank_run / "final")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
+
+
+def test_online_reference_equals_precomputed(full_batch_run, data, policy, tmp_path):
+    _ok(run_train(*_common(data, policy, tmp_path, "--micro-batch-size", N, "--reference", "online")))
+    precomputed, online = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert len(precomputed) == len(online) == 2
+    for a, b in zip(precomputed, online, strict=True):
+        for key in set(METRIC_KEYS) - TIMING_KEYS:
+            # fp32 noise: the shards were scored one unpadded sample at a time, online in padded batches
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_drift_guard_stops_before_the_first_update(data, policy, tmp_path):
+    args = _common(data, policy, tmp_path, "--micro-batch-size", 4)
+    args[args.index("--drift-tolerance") + 1] = 1e-4
+    result = _ok(run_train(*args), EXIT_DRIFT)
+    assert "exceeds --drift-tolerance" in result.stderr and "--model is not the reference" in result.stderr
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints" / "latest").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "drifted"
+
+
+# ---- preemption -----------------------------------------------------------------------------
+
+RESUME_STEPS = 60
+
+
+def _resume_args(data, model, output):
+    return ["--data", data, "--model", model, "--output", output, "--global-batch-size", 2, "--micro-batch-size", 1,
+            "--max-steps", RESUME_STEPS, "--lr", 1e-3, "--dtype", "float32", "--save-steps", 20,
+            "--save-total-limit", 2]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(data, tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("uninterrupted")
+    _ok(run_train(*_resume_args(data, tiny_model_dir, output)))
+    return output
+
+
+def test_checkpoints_are_kept_up_to_the_limit(uninterrupted_run):
+    kept = sorted(p.name for p in (uninterrupted_run / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000020", "step-00000040"]
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes_exactly(data, tiny_model_dir, uninterrupted_run, tmp_path):
+    args = _resume_args(data, tiny_model_dir, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen(train_command(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(read_metrics(tmp_path / "metrics.jsonl")) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-4000:]
+    stopped_at = json.loads((tmp_path / "summary.json").read_text())["step"]
+    assert 3 <= stopped_at < RESUME_STEPS and "re-run the same command to resume" in stderr
+    assert (tmp_path / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+
+    result = _ok(run_train(*args))
+    assert f"resuming at step {stopped_at}" in result.stderr
+    expected, resumed = read_metrics(uninterrupted_run / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, RESUME_STEPS + 1))
+    for a, b in zip(expected, resumed, strict=True):
+        for key in set(METRIC_KEYS) - TIMING_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (b["step"], key)
+    w_expected, w_resumed = _weights(uninterrupted_run / "final"), _weights(tmp_path / "final")
+    for key in w_expected:
+        torch.testing.assert_close(w_resumed[key], w_expected[key], rtol=0, atol=1e-6)
