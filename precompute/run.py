@@ -1,0 +1,177 @@
+"""``minorsft precompute``: score every sample with the frozen reference model (SPEC §3-§5).
+
+Reads top to bottom: resolve engine and dtype, render nothing yet but identify the
+run (model, tokenizer, data fingerprints), refuse an output directory written by a
+different run, pick this worker's unfinished chunks, load the engine only if there
+are any, then per chunk: render -> score -> write rejects -> write shard. Finally
+the worker's totals are read back from disk, checked (scored + rejected = input
+rows) and saved as ``summary-w{I}.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from minorsft_core import schema
+from minorsft_core.cli import EXIT_ENGINE, EXIT_OK
+from minorsft_core.config import PrecomputeConfig, save_config
+from minorsft_core.data import DataError, Reject, Sample, SampleRenderer, detect_input_format
+from precompute import engines, output, plan
+
+log = logging.getLogger("minorsft.precompute")
+
+
+class Progress:
+    """tqdm bar of input rows with the scoring rate in tokens/s; in quiet mode no bar,
+    one log line per chunk instead."""
+
+    def __init__(self, total_rows: int, quiet: bool):
+        self.bar = tqdm(total=total_rows, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+        self.tokens = 0
+        self.start = time.monotonic()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.monotonic() - self.start, 1e-9)
+
+    def scored(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(rows)
+        self.bar.set_postfix_str(f"{self.tokens_per_s:,.0f} tok/s", refresh=False)
+
+    def skipped(self, rows: int) -> None:
+        self.bar.update(rows)
+
+
+def setup_logging() -> None:
+    """Our lines on stderr with a timestamp; the engines' own loggers are left alone."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s minorsft precompute: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def load_tokenizer(config: PrecomputeConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def check_context(config: PrecomputeConfig) -> None:
+    config_path = Path(config.model) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config.model}: no config.json; --model must be a Hugging Face model directory")
+    limit = json.loads(config_path.read_text()).get("max_position_embeddings")
+    if limit is not None and config.max_seq_len > limit:
+        raise DataError(f"--max-seq-len {config.max_seq_len} exceeds the model's context "
+                        f"(max_position_embeddings {limit}); lower it")
+
+
+def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: SampleRenderer,
+                 run: schema.ShardMetadata, todo: list[int], progress: Progress) -> None:
+    out = Path(config.output)
+    for j, records in plan.iter_chunk_records(config.data, config.chunk_rows, todo):
+        rendered = [renderer.render(row, record) for row, record in records]
+        samples = [r for r in rendered if isinstance(r, Sample)]
+        rejects = [r for r in rendered if isinstance(r, Reject)]
+        progress.skipped(len(rejects))
+        chunk_start = time.monotonic()
+        scores = engine.score(samples, progress.scored) if samples else engines.Scores.empty()
+        table = output.chunk_table(samples, scores, config.store_token_logps)
+        output.write_chunk(out, plan.chunk_metadata(run, j, len(samples), len(rejects)), table, rejects)
+        if config.quiet:
+            seconds = time.monotonic() - chunk_start
+            tokens = sum(len(s.input_ids) for s in samples)
+            log.info("chunk %d/%d: %d rows, %d scored, %d rejected, %d tokens in %.1f s (%.0f tok/s)",
+                     j, run.num_chunks, len(records), len(samples), len(rejects), tokens, seconds,
+                     tokens / max(seconds, 1e-9))
+
+
+def main(config: PrecomputeConfig) -> int:
+    setup_logging()
+    started = time.monotonic()
+    out = Path(config.output)
+    engine_name = engines.resolve_engine(config.engine)
+    try:
+        engine_version = engines.engine_version(engine_name)
+    except ModuleNotFoundError as err:
+        log.error("%s", err)
+        return EXIT_ENGINE
+    dtype = engines.resolve_dtype(config.dtype)
+
+    check_context(config)
+    tokenizer = load_tokenizer(config)
+    data_format = detect_input_format(config.data) if config.format == "auto" else config.format
+    renderer = SampleRenderer(tokenizer, data_format=data_format, template=config.template,
+                              max_seq_len=config.max_seq_len, truncate_answer=config.truncate_answer)
+    run = plan.run_metadata(config, tokenizer=tokenizer, engine=engine_name, engine_version=engine_version,
+                            dtype=dtype, data_format=data_format, num_input_rows=plan.count_rows(config.data))
+    done = plan.finished_chunks(out, run) if out.is_dir() else set()
+    mine = plan.owned_chunks(run.num_chunks, config.num_workers, config.worker_index)
+    todo = [j for j in mine if j not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / f"config-w{config.worker_index}.yaml")
+    log.info("%d input rows (%s) in %d chunks; worker %d/%d owns %d, %d already done; engine %s (%s), %s",
+             run.num_input_rows, data_format, run.num_chunks, config.worker_index, config.num_workers,
+             len(mine), len(mine) - len(todo), engine_name, engine_version, dtype)
+
+    tokens_scored, scoring_s = 0, 0.0
+    if todo:
+        plan.remove_stale_temp_files(out, todo)
+        try:
+            engine = engines.make_engine(config, engine_name, dtype)
+        except Exception as err:
+            log.exception("engine %s failed to start: %s", engine_name, err)
+            return EXIT_ENGINE
+        progress = Progress(sum(_chunk_rows(run, j) for j in todo), config.quiet)
+        try:
+            score_chunks(config, engine, renderer, run, todo, progress)
+        except (DataError, schema.ContractError, OSError):
+            raise  # bad input or a full disk: not the engine's fault
+        except Exception as err:
+            log.exception("engine %s failed while scoring: %s", engine_name, err)
+            return EXIT_ENGINE
+        finally:
+            progress.bar.close()
+            engine.close()
+        tokens_scored, scoring_s = progress.tokens, time.monotonic() - progress.start
+
+    totals = output.worker_totals(out, run, mine)
+    expected_rows = sum(_chunk_rows(run, j) for j in mine)
+    if totals.rows_scored + totals.rows_rejected != expected_rows:
+        raise schema.ContractError(
+            f"{out}: worker {config.worker_index} accounts for {totals.rows_scored} scored + "
+            f"{totals.rows_rejected} rejected rows, its chunks hold {expected_rows}; delete its shards and re-run")
+    summary = {
+        **dataclasses.asdict(totals),
+        "worker_index": config.worker_index,
+        "num_workers": config.num_workers,
+        "chunks": len(mine),
+        "chunks_scored_now": len(todo),
+        "tokens_scored_now": tokens_scored,
+        "tokens_per_s": round(tokens_scored / scoring_s, 1) if scoring_s else None,
+        "wall_s": round(time.monotonic() - started, 2),
+        "engine": engine_name,
+        "engine_version": engine_version,
+        "dtype": dtype,
+        "model": run.reference_model,
+    }
+    schema.write_text_atomic(out / f"summary-w{config.worker_index}.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    if config.num_workers == 1 and totals.rows_scored == 0:
+        raise DataError(f"{config.data}: every row was rejected; see {out}/rejects-*.jsonl for the reasons")
+    return EXIT_OK
+
+
+def _chunk_rows(run: schema.ShardMetadata, j: int) -> int:
+    start, stop = plan.chunk_metadata(run, j, 0, 0).chunk_row_range()
+    return stop - start
