@@ -64,6 +64,21 @@ class Run:
     stop_requested: Callable[[], bool]  # SIGTERM/SIGINT seen on this rank
 
 
+def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of ``_SUMS`` and its ``[max coef, -min coef]``, moved to
+    the CPU in one transfer (one device sync per micro-batch)."""
+    coef = losses.minorsft_coef(policy_logps, ref_logp_sum, beta=config.beta)
+    stats = torch.stack([
+        loss.detach().double(),
+        losses.deviation(policy_logps, ref_logp_sum, answer_len, normalizer=1.0).double(),
+        coef.sum().double(), policy_logps.detach().sum().double(), ref_logp_sum.sum().double(),
+        answer_len.sum().double(), torch.tensor(float(len(answer_len)), dtype=torch.float64, device=coef.device),
+        torch.zeros((), dtype=torch.float64, device=coef.device),  # "stop", set once per step
+        coef.max().double(), -coef.min().double(),
+    ]).cpu()
+    return stats[:len(_SUMS)], stats[len(_SUMS):]
+
+
 def _global_stats(sums: torch.Tensor, coef_extremes: torch.Tensor) -> tuple[dict, list[float]]:
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(coef_extremes, op=dist.ReduceOp.MAX)
@@ -94,14 +109,9 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
             ref_logp_sum = batch.ref_logp_sum if run.score_reference is None else run.score_reference(batch)
             loss = compute_loss(config, policy_logps, ref_logp_sum, batch.answer_len, norm)
             engine.backward(loss)
-            coef = losses.minorsft_coef(policy_logps, ref_logp_sum, beta=config.beta)
-            sums += torch.tensor([
-                loss.item(),
-                losses.deviation(policy_logps, ref_logp_sum, batch.answer_len, normalizer=1.0).item(),
-                coef.sum().item(), policy_logps.detach().sum().item(), ref_logp_sum.sum().item(),
-                batch.answer_len.sum().item(), len(micro_rows), 0.0,
-            ], dtype=torch.float64)
-            coef_extremes = torch.maximum(coef_extremes, torch.stack([coef.max(), -coef.min()]).double().cpu())
+            micro_sums, micro_extremes = _micro_stats(config, loss, policy_logps, ref_logp_sum, batch.answer_len)
+            sums += micro_sums
+            coef_extremes = torch.maximum(coef_extremes, micro_extremes)
             if slot < len(micros) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; only the window's last one updates
         sums[_SUMS.index("stop")] = float(run.stop_requested())

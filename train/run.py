@@ -45,9 +45,12 @@ def check_inputs(config: TrainConfig):
     from transformers import AutoTokenizer
 
     scanned = scan_output_dir(config.data)
-    if not Path(config.model, "config.json").exists():
+    if Path(config.model).exists() and not Path(config.model, "config.json").exists():
         raise FileNotFoundError(f"--model {config.model}: no config.json; pass a Hugging Face model directory")
-    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    except OSError as err:  # not a directory here and not resolvable as a hub id
+        raise FileNotFoundError(f"--model {config.model}: cannot load its tokenizer ({err})") from err
     meta = scanned.metadata
     if tokenizer_fingerprint(tokenizer) != meta.tokenizer_fingerprint:
         raise ContractError(
@@ -176,6 +179,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
         "samples": len(lengths), "rows_rejected_by_stage_one": scanned.rows_rejected,
         "reference_fingerprint": scanned.metadata.reference_fingerprint, "seconds": time.time() - started,
         "final_model": str(output / "final") if status == COMPLETED else None,
+        "peak_memory_mib": _peak_memory_mib(),
     }
     if rank == 0:
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -193,6 +197,17 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     if rank == 0:
         _say(f"done: {output / 'final'}")
     return EXIT_OK
+
+
+def _peak_memory_mib() -> float:
+    """This rank's peak: accelerator memory allocated on GPU, resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def _drift_message(config: TrainConfig, deviation: float) -> str:
