@@ -78,20 +78,26 @@ def _weights(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
 
 
-def test_step_one_metrics_equal_spec_from_an_independent_forward(full_batch_run, data, policy, tiny_model_dir):
+@pytest.fixture(scope="module")
+def independent(data, policy):
+    """``(logp, ref, m)`` per sample: the policy's answer log-probs from a plain HF fp32
+    forward of each sample alone, and the shards' ``ref_logp_sum`` and ``answer_len``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    metrics = read_metrics(full_batch_run / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert all(tuple(m) == METRIC_KEYS for m in metrics)
     table = pa.concat_tables([pq.read_table(path) for path in sorted(data.glob("shard-*.parquet"))])
     by_id = {sid: (ref, m) for sid, ref, m in zip(table[SAMPLE_ID].to_pylist(), table[REF_LOGP_SUM].to_pylist(),
                                                   table[ANSWER_LEN].to_pylist(), strict=True)}
     renderer = SampleRenderer(AutoTokenizer.from_pretrained(policy), data_format="prompt_completion")
     samples = [renderer.render(k, r) for k, r in enumerate(make_records(N, seed=5))]
     logp = score(AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval(), samples)
-    ref = [by_id[s.sample_id][0] for s in samples]
-    m = [by_id[s.sample_id][1] for s in samples]
+    return logp, [by_id[s.sample_id][0] for s in samples], [by_id[s.sample_id][1] for s in samples]
+
+
+def test_step_one_metrics_equal_spec_from_an_independent_forward(full_batch_run, independent):
+    metrics = read_metrics(full_batch_run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(tuple(m) == METRIC_KEYS for m in metrics)
+    logp, ref, m = independent
     delta = [a - b for a, b in zip(logp, ref, strict=True)]
     coef = [2 / (1 + math.exp(BETA * d)) for d in delta]  # 2 sigma(-beta delta)
     first = metrics[0]
@@ -133,6 +139,15 @@ def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, t
     w1, w2 = _weights(full_batch_run / "final"), _weights(two_rank_run / "final")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
+
+
+def test_token_normalized_sft_divides_by_the_global_token_count(data, policy, independent, tmp_path):
+    """Two ranks x two accumulation steps: the answer lengths differ between micro-batches,
+    so only the global token count gives sum_i -logp_i / sum_i m_i."""
+    _ok(run_train(*_common(data, policy, tmp_path, "--micro-batch-size", 2, "--loss", "sft", "--token-normalize"),
+                  ranks=2, timeout=400))
+    logp, _, m = independent
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == pytest.approx(-sum(logp) / sum(m), rel=1e-6)
 
 
 def test_online_reference_equals_precomputed(full_batch_run, data, policy, tmp_path):

@@ -173,3 +173,14 @@ def test_guard_changed_config_on_resume(stage_one, tiny_model_dir, tmp_path):
     saved = TrainConfig(data=str(stage_one), model=str(tiny_model_dir), output=str(output), global_batch_size=2)
     save_config(dataclasses.replace(saved, lr=1e-3), output / "config.yaml")
     _refused(_train_cli(stage_one, tiny_model_dir, output), "different config", "lr")
+
+
+def test_plan_steps_from_epochs_or_max_steps():
+    from minorsft_core.data import DataError
+    from train.run import plan_steps
+
+    config = TrainConfig(data="d", model="m", output="o", global_batch_size=8, epochs=1.5, warmup_ratio=0.1)
+    assert plan_steps(config, 100) == (12, 18, 2)  # 12 full batches per epoch, 4 samples dropped
+    assert plan_steps(dataclasses.replace(config, max_steps=5), 100) == (12, 5, 1)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        plan_steps(config, 7)
