@@ -130,6 +130,13 @@ def test_final_model_loads_and_differs_from_the_initial_one(full_batch_run, poli
     assert (full_batch_run / "config.yaml").exists()
 
 
+def test_rerunning_a_completed_run_changes_nothing(full_batch_run, data, policy):
+    before = (full_batch_run / "final" / "model.safetensors").read_bytes()
+    result = _ok(run_train(*_common(data, policy, full_batch_run, "--micro-batch-size", N)))
+    assert "already holds a completed run" in result.stderr
+    assert (full_batch_run / "final" / "model.safetensors").read_bytes() == before
+
+
 def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, two_rank_run):
     one, two = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(two_rank_run / "metrics.jsonl")
     assert len(one) == len(two) == 2

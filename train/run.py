@@ -114,6 +114,12 @@ class _StopFlag:
 
 def main(config: TrainConfig) -> int:
     scanned, tokenizer = check_inputs(config)
+    summary = Path(config.output) / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["status"] == "completed":
+        # Re-running a batch job that already finished must not train again from its
+        # last periodic checkpoint and overwrite final/.
+        _say(f"{config.output} already holds a completed run ({config.output}/final); nothing to do")
+        return EXIT_OK
     try:
         return _train(config, scanned, tokenizer)
     except (ContractError, DataError, FileNotFoundError):
