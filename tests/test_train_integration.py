@@ -225,3 +225,23 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_exactly(data, tiny_model_dir, u
     w_expected, w_resumed = _weights(uninterrupted_run / "final"), _weights(tmp_path / "final")
     for key in w_expected:
         torch.testing.assert_close(w_resumed[key], w_expected[key], rtol=0, atol=1e-6)
+
+
+def test_policy_is_loaded_partitioned(tiny_model_dir, monkeypatch):
+    """ZeRO-3 loading through HfDeepSpeedConfig: the module's own tensors are empty
+    placeholders, each rank holds only its partition."""
+    import torch.distributed as dist
+
+    from minorsft_core.config import TrainConfig
+    from train import engine
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored (absent) after the test
+    engine.init_distributed()
+    try:
+        config = TrainConfig(data="d", model=str(tiny_model_dir), output="o", global_batch_size=2)
+        ds = engine.ds_config(config, micro=1, accumulation=2, dtype=torch.float32)
+        model = engine.load_partitioned(config.model, ds, config, torch.float32)
+        assert all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -116,7 +116,7 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _from_pretrained(path: str, ds: dict, config, dtype: torch.dtype):
+def load_partitioned(path: str, ds: dict, config, dtype: torch.dtype):
     # Must be alive while from_pretrained runs: transformers then builds the model under
     # deepspeed.zero.Init and loads each rank's partition only.
     hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
@@ -128,7 +128,7 @@ def _from_pretrained(path: str, ds: dict, config, dtype: torch.dtype):
 
 def load_policy(config, ds: dict, dtype: torch.dtype, *, total_steps: int, warmup_steps: int):
     """The trainable policy as a DeepSpeed engine (optimizer and lr schedule inside)."""
-    model = _from_pretrained(config.model, ds, config, dtype)
+    model = load_partitioned(config.model, ds, config, dtype)
     model.config.use_cache = False  # a KV cache is only for generation
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -141,7 +141,7 @@ def load_policy(config, ds: dict, dtype: torch.dtype, *, total_steps: int, warmu
 
 def load_reference(path: str, ds: dict, config, dtype: torch.dtype):
     """A frozen copy as a ZeRO inference engine (the ``--reference online`` baseline)."""
-    model = _from_pretrained(path, ds, config, dtype)
+    model = load_partitioned(path, ds, config, dtype)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
