@@ -13,8 +13,10 @@ Everything is generated here from fixed seeds; nothing comes from a hub.
 - ``target.jsonl``: 64 held-out records of the same tasks (the "target set" whose loss
   the reproduction reports).
 - ``model/``: a BPE tokenizer trained on the generated text with Qwen2's ChatML
-  template, and a 2-layer Qwen2 briefly pre-trained on plain text of the same
-  vocabulary (not on the tasks), so that fine-tuning has something to learn.
+  template, and a 2-layer Qwen2 briefly pre-trained on plain text and on chat
+  transcripts of four of the six tasks. Like an instruct model before further
+  fine-tuning, the reference already answers some of the training set well and the
+  rest badly: the situation MinorSFT's per-sample coefficient is made for.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
 SYSTEMS = ["You are a careful assistant.", "Answer briefly.", "You are a math tutor."]
 
 
-def task(rng: random.Random) -> tuple[str, str]:
-    kind = rng.randrange(6)
+PRETRAINED_KINDS = range(4)  # the tasks the reference has seen (in chat form) before fine-tuning
+
+
+def task(rng: random.Random, kinds=range(6)) -> tuple[str, str]:
+    kind = rng.choice(kinds)
     if kind == 0:
         a, b = rng.randint(0, 50), rng.randint(0, 50)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
@@ -103,7 +108,7 @@ def write_data(rng: random.Random) -> None:
     (OUT / "train_prompt_completion.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def write_model(rng: random.Random, steps: int = 300) -> None:
+def write_model(rng: random.Random, steps: int = 600) -> None:
     import torch
 
     from minorsft_core.tiny import build_model, build_tokenizer
@@ -116,12 +121,17 @@ def write_model(rng: random.Random, steps: int = 300) -> None:
     # Head size 128/4 = 32: the smallest vLLM's CPU attention runs.
     model = build_model(tokenizer, seed=0, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                         intermediate_size=256, max_position_embeddings=512)
-    # A short language-model warm-up on plain text: the tokens get meaningful embeddings,
-    # the chat tasks stay unknown until fine-tuning.
+    # Pre-training: plain text, and chat transcripts of the first four tasks (a different
+    # random stream than the fine-tuning set), with the loss on every token.
+    chats = []
+    for _ in range(3000):
+        prompt, answer = task(rng, PRETRAINED_KINDS)
+        chats.append(tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = [rng.choice(corpus) for _ in range(16)]
+        batch = [rng.choice(corpus) if rng.random() < 0.3 else rng.choice(chats) for _ in range(16)]
         enc = tokenizer(batch, return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(**enc, labels=labels).loss

@@ -46,6 +46,12 @@ def _config_command(config_cls, runner_path: str, doc: str):
             default=typer.Option(None, "--config", help="YAML file of options; flags given here override it"),
         )
     ]
+    # The `deepspeed` launcher appends --local_rank=N; ranks read LOCAL_RANK from the
+    # environment, which every launcher sets, so the flag is accepted and ignored.
+    params.append(inspect.Parameter(
+        "local_rank", inspect.Parameter.KEYWORD_ONLY, annotation=int | None,
+        default=typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+    ))
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
@@ -59,6 +65,7 @@ def _config_command(config_cls, runner_path: str, doc: str):
 
     def command(**options):
         config_path = options.pop("config")
+        options.pop("local_rank")
         try:
             config = load_config(config_cls, config_path, options)
         except ConfigError as err:
@@ -100,6 +107,22 @@ def plot(
     except FileNotFoundError as err:
         _fail(EXIT_BAD_INPUT, str(err))
     typer.echo(f"wrote {path}")
+
+
+@app.command("demo")
+def demo(
+    output: Annotated[str, typer.Option("--output", help="directory for every output of the demo")] = "runs/demo",
+    engine: Annotated[str, typer.Option("--engine", help="stage-one engine: auto, vllm or hf")] = "auto",
+) -> None:
+    """Both stages end to end on the bundled default (data/default, CPU): sft, minorsft, dpo_sft."""
+    from pathlib import Path
+
+    from minorsft_core.demo import run_demo
+
+    try:
+        run_demo(Path(output), engine=engine)
+    except RuntimeError as err:
+        _fail(EXIT_ENGINE, str(err))
 
 
 def main() -> None:

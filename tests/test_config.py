@@ -118,3 +118,13 @@ def test_cli_help_and_usage_errors():
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "loss: 'kto' is not one of" in bad.stderr
+
+
+def test_train_accepts_deepspeed_launchers_local_rank(tmp_path):
+    """The `deepspeed` launcher appends --local_rank=K; it must not be a usage error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "minorsft_core.cli", "train", "--data", str(tmp_path / "none"), "--model", "m",
+         "--output", str(tmp_path / "o"), "--local_rank=1"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 3 and "no such directory" in result.stderr
