@@ -46,7 +46,7 @@ class Progress:
         self.bar.update(rows)
         self.bar.set_postfix_str(f"{self.tokens_per_s:,.0f} tok/s", refresh=False)
 
-    def skipped(self, rows: int) -> None:
+    def rejected(self, rows: int) -> None:
         self.bar.update(rows)
 
 
@@ -83,7 +83,7 @@ def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: Sam
         rendered = [renderer.render(row, record) for row, record in records]
         samples = [r for r in rendered if isinstance(r, Sample)]
         rejects = [r for r in rendered if isinstance(r, Reject)]
-        progress.skipped(len(rejects))
+        progress.rejected(len(rejects))
         chunk_start = time.monotonic()
         scores = engine.score(samples, progress.scored) if samples else engines.Scores.empty()
         table = output.chunk_table(samples, scores, config.store_token_logps)
@@ -107,6 +107,9 @@ def main(config: PrecomputeConfig) -> int:
         log.error("%s", err)
         return EXIT_ENGINE
     dtype = engines.resolve_dtype(config.dtype)
+    if engine_name == "hf" and config.tensor_parallel_size > 1:
+        log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
+                    config.tensor_parallel_size)
 
     check_context(config)
     tokenizer = load_tokenizer(config)

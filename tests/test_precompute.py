@@ -35,7 +35,11 @@ COMMON = ["--max-seq-len", str(MAX_SEQ_LEN), "--max-batch-tokens", "1024", "--qu
 def cli(*args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     command = [sys.executable, "-m", "minorsft_core.cli", "precompute", *args]
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # Background jobs may run side by side (a pool): one thread each, or two
+        # OpenMP teams oversubscribe the CI machine's two cores.
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
