@@ -112,6 +112,7 @@ def main() -> None:
               f"{r['tokens_per_s'] / base['tokens_per_s']:>7.3f}{r['peak_mib']:>10.0f}"
               f"{r['peak_mib'] / base['peak_mib']:>7.3f}")
     print(f"padding fraction (length-grouped): {base['padding']:.3f}")
+    print(json.dumps(results))  # last line: machine-readable, for benchmarks/run_all.py
 
 
 if __name__ == "__main__":
