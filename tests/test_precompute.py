@@ -217,6 +217,8 @@ def test_conflicting_rerun_is_refused(hf_out, tiny_model_dir, chat_data, tmp_pat
     other_model = save_tiny_model(tmp_path / "other", make_texts(), seed=1)  # same tokenizer, other weights
     with pytest.raises(schema.ContractError, match="reference_fingerprint"):
         main(hf_config(other_model, chat_data[0], hf_out))
+    with pytest.raises(schema.ContractError, match="template: 'none' != 'chat'"):
+        main(hf_config(tiny_model_dir, chat_data[0], hf_out, template="none"))
     assert chunk_files(hf_out) == before
 
 
