@@ -79,7 +79,8 @@ def check_context(config: PrecomputeConfig) -> None:
 def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: SampleRenderer,
                  run: schema.ShardMetadata, todo: list[int], progress: Progress) -> None:
     out = Path(config.output)
-    for j, records in plan.iter_chunk_records(config.data, config.chunk_rows, todo):
+    chunks = plan.iter_chunk_records(config.data, config.chunk_rows, todo)
+    for done, (j, records) in enumerate(chunks, start=1):
         rendered = [renderer.render(row, record) for row, record in records]
         samples = [r for r in rendered if isinstance(r, Sample)]
         rejects = [r for r in rendered if isinstance(r, Reject)]
@@ -91,9 +92,9 @@ def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: Sam
         if config.quiet:
             seconds = time.monotonic() - chunk_start
             tokens = sum(len(s.input_ids) for s in samples)
-            log.info("chunk %d/%d: %d rows, %d scored, %d rejected, %d tokens in %.1f s (%.0f tok/s)",
-                     j, run.num_chunks, len(records), len(samples), len(rejects), tokens, seconds,
-                     tokens / max(seconds, 1e-9))
+            log.info("%s (%d/%d this run): %d rows, %d scored, %d rejected, %d tokens in %.1f s (%.0f tok/s)",
+                     schema.shard_path(out, j).name, done, len(todo), len(records), len(samples), len(rejects),
+                     tokens, seconds, tokens / max(seconds, 1e-9))
 
 
 def main(config: PrecomputeConfig) -> int:

@@ -39,6 +39,10 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, config: PrecomputeConfig, *, dtype: str, gpu_memory_utilization: float):
+        if config.quiet:
+            # Batch logs: vLLM's start-up INFO lines outnumber ours; warnings still show.
+            # Read at import, and inherited by vLLM's worker processes.
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, SamplingParams
 
         self.version = engine_version("vllm")

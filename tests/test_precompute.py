@@ -189,7 +189,7 @@ def test_every_row_accounted_for_with_the_right_reject_reasons(vllm_out, chat_da
     assert summary["answer_tokens"] == sum(read_output(output).column(schema.ANSWER_LEN).to_pylist())
     assert (output / "config-w0.yaml").exists()
     # --quiet: one log line per chunk
-    assert sum(" chunk " in line for line in result.stderr.splitlines()) == scanned.metadata.num_chunks
+    assert sum("this run): " in line for line in result.stderr.splitlines()) == scanned.metadata.num_chunks
 
 
 def test_rerun_of_finished_job_changes_nothing(vllm_out, tiny_model_dir, chat_data):
