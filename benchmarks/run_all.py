@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -57,8 +58,8 @@ def main() -> None:
     else:
         precompute = run_bench("bench_precompute.py")
         train = run_bench("bench_train.py")
-    print(f"minorsft benchmarks, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-          f"{platform.processor() or 'cpu'}, {time.time() - started:.0f} s")
+    print(f"minorsft benchmarks, {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores, "
+          f"{time.time() - started:.0f} s")
     print(f"{'measure':<22}{'variant':<18}{'value':>12}{'ratio':>8}")
     for measure, variant, value, ratio in table(precompute, train):
         print(f"{measure:<22}{variant:<18}{value:>12,.2f}{ratio:>8.3f}")

@@ -43,7 +43,10 @@ def main() -> None:
                  "--output", str(output / "target-reference"), log_path=logs / "target-reference.log")
     reference = target_scores(output / "target-reference")
 
-    results = []
+    reference_loss, _ = target_metrics(reference, reference)
+    results = [{"run": "reference", "loss": "reference (step 0)", "lr": 0.0, "base_lr": None,
+                "final_train_loss": None, "final_deviation": 0.0, "coef_mean_final": 1.0,
+                "target_loss": reference_loss, "target_deviation": 0.0, "train_s": 0.0}]
     for base_lr in BASE_LRS:
         for loss, lr in (("sft", base_lr), ("minorsft", 2 * base_lr), ("dpo_sft", 2 * base_lr)):
             name = f"{loss}-lr{lr:g}"
@@ -61,13 +64,14 @@ def main() -> None:
                             "final_train_loss": metrics[-1]["loss"], "final_deviation": metrics[-1]["deviation"],
                             "coef_mean_final": metrics[-1]["coef_mean"], "target_loss": target_loss,
                             "target_deviation": target_dev, "train_s": seconds})
-        plot_runs([output / f"{r['run']}" for r in results if r["base_lr"] == base_lr],
+        plot_runs([output / r["run"] for r in results if r["base_lr"] == base_lr],
                   args.docs / f"figure1-base-lr{base_lr:g}.png",
                   title=f"bundled default: sft lr {base_lr:g} vs minorsft / dpo_sft lr {2 * base_lr:g}, beta {BETA}")
     (args.docs / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| run | lr | final train loss | final deviation (train batch) | final coef mean | target loss | "
              "target deviation |", "|---|---|---|---|---|---|---|"]
-    for r in results:
+    lines.append(f"| reference (step 0) | - | - | 0 | 1 | {reference_loss:.4f} | 0 |")
+    for r in results[1:]:
         lines.append(f"| {r['loss']} | {r['lr']:g} | {r['final_train_loss']:.4f} | {r['final_deviation']:.4f} | "
                      f"{r['coef_mean_final']:.4f} | {r['target_loss']:.4f} | {r['target_deviation']:.4f} |")
     (args.docs / "table.md").write_text("\n".join(lines) + "\n")
