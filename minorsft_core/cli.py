@@ -15,12 +15,13 @@ from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, loa
 from minorsft_core.data import DataError
 from minorsft_core.schema import ContractError
 
-# Exit codes (documented in the README): retrying helps only with EXIT_ENGINE / EXIT_PREEMPTED.
+# Exit codes (documented in the README): retrying as is helps only with EXIT_ENGINE / EXIT_PREEMPTED.
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad option or config value
 EXIT_BAD_INPUT = 3  # input data, model directory or stage-one output unusable as given
 EXIT_ENGINE = 4  # the engine or trainer failed at run time
 EXIT_DRIFT = 5  # stage two: step-one deviation over --drift-tolerance
+EXIT_IO = 6  # file-system error (disk full, permissions, a file where a directory belongs)
 EXIT_PREEMPTED = 143  # stage two: checkpointed on SIGTERM/SIGINT; re-run to resume
 
 app = typer.Typer(
@@ -76,6 +77,8 @@ def _config_command(config_cls, runner_path: str, doc: str):
             code = runner(config)
         except (DataError, ContractError, FileNotFoundError) as err:
             _fail(EXIT_BAD_INPUT, str(err))
+        except OSError as err:
+            _fail(EXIT_IO, f"{err}. Fix the file system and re-run the same command: finished work is kept.")
         raise typer.Exit(code or EXIT_OK)
 
     command.__signature__ = inspect.Signature(params)

@@ -128,3 +128,17 @@ def test_train_accepts_deepspeed_launchers_local_rank(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 3 and "no such directory" in result.stderr
+
+
+def test_file_system_errors_have_their_own_exit_code(tmp_path, tiny_model_dir):
+    """An output path that is a file is neither bad input nor an engine failure: exit 6."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "why", "completion": "because"}\n')
+    (tmp_path / "out").write_text("a file, not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "minorsft_core.cli", "precompute", "--model", str(tiny_model_dir), "--data", str(data),
+         "--output", str(tmp_path / "out"), "--engine", "hf", "--max-seq-len", "256", "--max-batch-tokens", "256"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert "re-run the same command" in result.stderr
