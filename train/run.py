@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -44,7 +45,11 @@ def check_inputs(config: TrainConfig):
     shards and the policy's tokenizer."""
     from transformers import AutoTokenizer
 
-    scanned = scan_output_dir(config.data)
+    # Metadata checks (complete, one run) are cheap and every rank makes them; the row
+    # checks read every token, so only global rank 0 makes them: N ranks re-reading the
+    # data set from a shared filesystem would cost N times the traffic. A refusal on
+    # rank 0 ends the job, as launchers stop all ranks when one fails.
+    scanned = scan_output_dir(config.data, validate_rows=os.environ.get("RANK", "0") == "0")
     if Path(config.model).exists() and not Path(config.model, "config.json").exists():
         raise FileNotFoundError(f"--model {config.model}: no config.json; pass a Hugging Face model directory")
     try:
@@ -220,7 +225,8 @@ def _drift_message(config: TrainConfig, deviation: float) -> str:
     return (
         f"step-1 deviation {deviation:+.4f} nats/token exceeds --drift-tolerance {config.drift_tolerance}; "
         "stopped before the first update. Before training the policy should be the reference, so this "
-        "measures the drift between stage one and the trainer (normally < 0.01 in fp32, ~0.05 in bf16). "
+        "measures the drift between stage one and the trainer (3e-7 in fp32 on CPU, measured by `minorsft "
+        "demo`; bf16 kernels drift more, so measure yours). "
         "Likely causes: --model is not the reference the shards were scored with, or a tokenizer / chat "
         "template / dtype mismatch between the stages. If the policy deliberately differs from the "
         "reference (e.g. continuing from a fine-tuned checkpoint), raise --drift-tolerance."
