@@ -39,6 +39,16 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def _root(
+    local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
+) -> None:
+    """MinorSFT fine-tuning (arXiv 2408.10642): precompute reference log-probs, then train."""
+    # The `deepspeed` launcher puts --local_rank=K right after the script, before the
+    # subcommand; ranks read LOCAL_RANK from the environment, which every launcher sets,
+    # so the flag is accepted here and ignored.
+
+
 def _config_command(config_cls, runner_path: str, doc: str):
     """A typer command whose options are ``config_cls``'s fields plus ``--config YAML``."""
     params = [
@@ -47,12 +57,6 @@ def _config_command(config_cls, runner_path: str, doc: str):
             default=typer.Option(None, "--config", help="YAML file of options; flags given here override it"),
         )
     ]
-    # The `deepspeed` launcher appends --local_rank=N; ranks read LOCAL_RANK from the
-    # environment, which every launcher sets, so the flag is accepted and ignored.
-    params.append(inspect.Parameter(
-        "local_rank", inspect.Parameter.KEYWORD_ONLY, annotation=int | None,
-        default=typer.Option(None, "--local_rank", "--local-rank", hidden=True),
-    ))
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
@@ -66,7 +70,6 @@ def _config_command(config_cls, runner_path: str, doc: str):
 
     def command(**options):
         config_path = options.pop("config")
-        options.pop("local_rank")
         try:
             config = load_config(config_cls, config_path, options)
         except ConfigError as err:

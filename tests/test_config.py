@@ -121,10 +121,11 @@ def test_cli_help_and_usage_errors():
 
 
 def test_train_accepts_deepspeed_launchers_local_rank(tmp_path):
-    """The `deepspeed` launcher appends --local_rank=K; it must not be a usage error."""
+    """The `deepspeed` launcher inserts --local_rank=K before the subcommand; it must not be
+    a usage error (the launcher itself runs in tests/test_train_integration.py)."""
     result = subprocess.run(
-        [sys.executable, "-m", "minorsft_core.cli", "train", "--data", str(tmp_path / "none"), "--model", "m",
-         "--output", str(tmp_path / "o"), "--local_rank=1"],
+        [sys.executable, "-m", "minorsft_core.cli", "--local_rank=1", "train", "--data", str(tmp_path / "none"),
+         "--model", "m", "--output", str(tmp_path / "o")],
         capture_output=True, text=True,
     )
     assert result.returncode == 3 and "no such directory" in result.stderr

@@ -10,8 +10,11 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,6 +149,27 @@ def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, t
     w1, w2 = _weights(full_batch_run / "final"), _weights(two_rank_run / "final")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
+
+
+def test_deepspeed_launcher_zero2_json_and_checkpointing_equal_zero3(two_rank_run, data, policy, tmp_path):
+    """The `deepspeed` launcher as the README shows it (no --no_local_rank), with the shipped
+    ZeRO-2 JSON and gradient checkpointing: the same two steps as torchrun + ZeRO-3."""
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    minorsft = str(Path(sys.executable).with_name("minorsft"))
+    args = _common(data, policy, tmp_path, "--micro-batch-size", 2, "--deepspeed",
+                   REPO / "configs/deepspeed/zero2.json", "--gradient-checkpointing")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    result = _ok(subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), minorsft, "train",
+                                 *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400))
+    assert "ZeRO-2" in result.stderr + result.stdout
+    zero3, zero2 = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert len(zero3) == len(zero2) == 2
+    for a, b in zip(zero3, zero2, strict=True):
+        for key in ("loss", "deviation", "coef_mean", "lr", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
 def test_token_normalized_sft_divides_by_the_global_token_count(data, policy, independent, tmp_path):
