@@ -100,6 +100,47 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             row += 1
 
 
+def _input_kind(path: Path) -> str:
+    """How an input is read: ``datasets``, ``jsonl``, ``json_array`` or ``parquet``."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return "datasets"
+    if path.suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if path.suffix == ".json":
+        with open(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+        # Many datasets ship JSON Lines under a .json name.
+        return "json_array" if head.startswith(b"[") else "jsonl"
+    if path.suffix == ".parquet":
+        return "parquet"
+    raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+
+
+def _load_dataset(path: Path):
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"{path}: reading a datasets directory needs `pip install datasets`") from err
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a directory saved with datasets' save_to_disk ({err}); pass a file instead") from err
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split; save the split to train on")
+        dataset = dataset["train"]
+    return dataset
+
+
+def _load_json_array(path: Path) -> list:
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); fix the file or convert it to JSONL") from err
+
+
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(row, record)`` for every input row, in a stable order.
 
@@ -108,40 +149,14 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     bad line among millions never stops a run.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        try:
-            import datasets
-        except ImportError as err:  # pragma: no cover - datasets is a dependency
-            raise DataError(f"{path}: reading a datasets directory needs `pip install datasets`") from err
-        try:
-            dataset = datasets.load_from_disk(str(path))
-        except Exception as err:
-            raise DataError(
-                f"{path}: not a directory saved with datasets' save_to_disk ({err}); pass a file instead"
-            ) from err
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise DataError(f"{path}: a DatasetDict without a 'train' split; save the split to train on")
-            dataset = dataset["train"]
-        yield from enumerate(dataset)
-        return
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".ndjson"):
+    kind = _input_kind(path)
+    if kind == "datasets":
+        yield from enumerate(_load_dataset(path))
+    elif kind == "jsonl":
         yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        with open(path, "rb") as handle:
-            head = handle.read(4096).lstrip()
-        if head.startswith(b"["):
-            try:
-                records = json.loads(path.read_bytes())
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err}); fix the file or convert it to JSONL") from err
-            yield from enumerate(records)
-        else:  # JSON Lines under a .json name, as many datasets ship it
-            yield from _iter_jsonl(path)
-    elif suffix == ".parquet":
+    elif kind == "json_array":
+        yield from enumerate(_load_json_array(path))
+    else:
         import pyarrow.parquet as pq
 
         row = 0
@@ -149,8 +164,23 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             for record in batch.to_pylist():
                 yield row, record
                 row += 1
-    else:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """How many rows ``read_records`` yields, without parsing them where the format allows
+    (JSONL: non-blank lines; Parquet: its footer; datasets: its length)."""
+    path = Path(path)
+    kind = _input_kind(path)
+    if kind == "datasets":
+        return len(_load_dataset(path))
+    if kind == "jsonl":
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    if kind == "json_array":
+        return len(_load_json_array(path))
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def detect_format(record: dict) -> str | None:

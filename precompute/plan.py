@@ -16,13 +16,13 @@ from typing import Any
 
 from minorsft_core import schema
 from minorsft_core.config import PrecomputeConfig
-from minorsft_core.data import DataError, input_files, read_records
+from minorsft_core.data import DataError, count_records, input_files, read_records
 
 
 def count_rows(data: str) -> int:
     """Input rows, counted as ``read_records`` numbers them (every shard's metadata
     carries the total, so it is needed before the first shard is written)."""
-    count = sum(1 for _ in read_records(data))
+    count = count_records(data)
     if count == 0:
         raise DataError(f"{data}: no input rows")
     return count

@@ -201,3 +201,14 @@ def test_other_input_kinds_read_the_same_records(tmp_path, kind):
         path = tmp_path / "d"
         datasets.Dataset.from_list(records).save_to_disk(str(path))
     assert list(data.read_records(path)) == list(enumerate(records))
+    assert data.count_records(path) == len(records)
+
+
+def test_count_records_counts_jsonl_rows_as_read_records_numbers_them(tmp_path):
+    """Blank lines are not rows; lines that do not parse are (they become rejects)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n  \nnot json\n{"prompt": "c"}\n')
+    assert data.count_records(path) == len(list(data.read_records(path))) == 3
+    lines_under_json_name = tmp_path / "d.json"
+    lines_under_json_name.write_text(path.read_text())
+    assert data.count_records(lines_under_json_name) == 3
