@@ -49,6 +49,11 @@ def _positive(config, *names: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+_LOGP_HEAD_HELP = ("answer log-probs from the final hidden states through a chunked output head, never "
+                   "[B, T, V] logits (auto; a non-standard head falls back to logits with a warning), or "
+                   "from full logits (logits)")
+
+
 @dataclasses.dataclass
 class PrecomputeConfig:
     """Stage one: score the training set with the frozen reference model."""
@@ -71,6 +76,7 @@ class PrecomputeConfig:
     tensor_parallel_size: int = field(1, help="vLLM tensor parallelism within this job")
     chunk_rows: int = field(1024, help="input rows per chunk (the unit of resume and of shard files)")
     max_batch_tokens: int = field(16384, help="hf engine: padded tokens per forward batch")
+    logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds); default 0.9 on GPU, 0.15 on CPU")
     enforce_eager: bool = field(False, help="vLLM: no torch.compile / CUDA graphs; starts ~10 s sooner, "
@@ -119,7 +125,11 @@ class TrainConfig:
                        choices=("auto", "bfloat16", "float32"))
     zero_stage: int = field(3, help="DeepSpeed ZeRO stage", choices=(2, 3))
     deepspeed: str = field(None, help="DeepSpeed JSON config; its batch/optimizer keys are set from this config")
-    drift_tolerance: float = field(0.1, help="stop before step 1 if |deviation| exceeds this (nats/token)")
+    drift_tolerance: float = field(0.1, help="step-1 parity guard (policy = reference): stop before the first update "
+                                             "if the mean over samples of |delta_i|/m_i exceeds this (nats/token)")
+    coef_tolerance: float = field(0.1, help="step-1 parity guard: stop before the first update if any sample's "
+                                            "coefficient w_i is off 1 by more than this (1 turns it off)")
+    logp_head: str = field("auto", help=_LOGP_HEAD_HELP, choices=("auto", "logits"))
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     attn_implementation: str = field("sdpa", help="sdpa, eager, or flash_attention_2 (when installed)",
                                      choices=("sdpa", "eager", "flash_attention_2"))
@@ -135,7 +145,10 @@ class TrainConfig:
         _check(self)
         _positive(self, "lr", "global_batch_size", "micro_batch_size", "epochs", "max_steps", "save_steps",
                   "save_total_limit")
-        _positive(self, "beta", "drift_tolerance")
+        _positive(self, "beta", "drift_tolerance", "coef_tolerance")
+        if self.coef_tolerance > 1:
+            raise ConfigError(f"coef_tolerance: w_i = 2 sigmoid(-beta delta_i) is within 1 of 1 always; "
+                              f"use 1 to turn the check off, got {self.coef_tolerance}")
         # 0 is meaningful for these two: no weight decay, no clipping.
         _positive(self, "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:

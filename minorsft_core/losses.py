@@ -66,6 +66,26 @@ class _SelectedTokenLogps(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
+def _answer_positions(input_ids: torch.Tensor, completion_mask: torch.Tensor):
+    """``(batch indices, time indices)`` of the answer tokens, checked."""
+    if completion_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} must match input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    answer = completion_mask.bool()
+    if input_ids.shape[1] and answer[:, 0].any():
+        raise ValueError("completion_mask[:, 0] must be 0: position 0 has no predicting logit")
+    return answer.nonzero(as_tuple=True)
+
+
+def _on_grid(picked: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor, shape) -> torch.Tensor:
+    """The answer tokens' values ``picked`` placed on a zero ``[B, T]`` grid (differentiable)."""
+    batch, seq_len = shape
+    flat = torch.zeros(batch * seq_len, dtype=picked.dtype, device=picked.device)
+    return flat.index_put((b_idx * seq_len + t_idx,), picked).view(batch, seq_len)
+
+
 def token_logps(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -91,23 +111,13 @@ def token_logps(
             f"expected logits [B, T, V] and input_ids [B, T], got {tuple(logits.shape)} "
             f"and {tuple(input_ids.shape)}"
         )
-    if completion_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"completion_mask {tuple(completion_mask.shape)} must match input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
     batch, seq_len, vocab = logits.shape
-    answer = completion_mask.bool()
-    if seq_len and answer[:, 0].any():
-        raise ValueError("completion_mask[:, 0] must be 0: position 0 has no predicting logit")
-    b_idx, t_idx = answer.nonzero(as_tuple=True)
+    b_idx, t_idx = _answer_positions(input_ids, completion_mask)
     # Row of the logit that predicts token t is t - 1, in the flattened [B*T, V] view.
     rows = b_idx * seq_len + (t_idx - 1)
     targets = input_ids[b_idx, t_idx].long()
     picked = _SelectedTokenLogps.apply(logits.reshape(-1, vocab), rows, targets, chunk_rows)
-    flat = torch.zeros(batch * seq_len, dtype=picked.dtype, device=logits.device)
-    flat = flat.index_put((b_idx * seq_len + t_idx,), picked)
-    return flat.view(batch, seq_len)
+    return _on_grid(picked, b_idx, t_idx, input_ids.shape)
 
 
 def sequence_logps(
@@ -123,6 +133,117 @@ def sequence_logps(
     stage two, so the two stages agree by construction. See ``token_logps``.
     """
     return token_logps(logits, input_ids, completion_mask, chunk_rows=chunk_rows).sum(-1)
+
+
+# Answer rows projected onto the vocabulary at once by the hidden-state head: one fp32
+# [rows, V] block of a 152k vocabulary is 156 MB at 256 rows, whatever T is.
+DEFAULT_HEAD_CHUNK_ROWS = 256
+
+
+class _HiddenTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T + bias)[targets] for answer rows, chunked.
+
+    Neither pass holds more than one ``[chunk_rows, V]`` block of logits: forward keeps
+    only the per-row log-probs, backward recomputes each block's softmax. The projection
+    runs in the weight's dtype (as the model's own output head would, and as vLLM does),
+    the log-softmax and the weight-gradient accumulation in fp32 (``_compute_dtype``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        compute_dtype = _compute_dtype(hidden.dtype)
+        out = torch.empty(hidden.shape[0], dtype=compute_dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = start + chunk_rows
+            block = F.linear(hidden[start:stop], weight, bias).to(compute_dtype)
+            picked = block.gather(1, targets[start:stop, None]).squeeze(1)
+            out[start:stop] = picked - torch.logsumexp(block, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        compute_dtype = _compute_dtype(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=compute_dtype, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            stop = start + ctx.chunk_rows
+            rows = hidden[start:stop]
+            g = grad_out[start:stop, None].to(compute_dtype)
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), times the upstream gradient
+            block_grad = torch.softmax(F.linear(rows, weight, bias).to(compute_dtype), dim=-1).mul_(-g)
+            block_grad.scatter_add_(1, targets[start:stop, None], g)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = (block_grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(block_grad.T, rows.to(compute_dtype))
+            if grad_bias is not None:
+                grad_bias += block_grad.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_HEAD_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Per-token answer log-probs from the final hidden states, fp32 ``[B, T]``; 0 off the answer.
+
+    The same values as ``token_logps(hidden @ lm_head_weight.T + lm_head_bias, ...)``
+    without ever building ``[B, T, V]`` logits: the answer positions are selected
+    first (hidden state ``t - 1`` predicts token ``t``), then the output projection and
+    the log-softmax run ``chunk_rows`` rows at a time and are recomputed in backward.
+    Memory is one ``[chunk_rows, V]`` block plus the ``[V, H]`` fp32 weight gradient,
+    whatever ``T`` is. Gradients flow to ``hidden``, the weight and the bias.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states (after the model's last norm), any float dtype.
+        lm_head_weight: ``[V, H]`` output projection (the embedding matrix if tied).
+        input_ids: ``[B, T]`` integer token ids.
+        completion_mask: ``[B, T]``, nonzero at answer tokens.
+        lm_head_bias: ``[V]``, if the head has one.
+    """
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"expected hidden [B, T, H] and input_ids [B, T], got {tuple(hidden.shape)} "
+            f"and {tuple(input_ids.shape)}"
+        )
+    b_idx, t_idx = _answer_positions(input_ids, completion_mask)
+    targets = input_ids[b_idx, t_idx].long()
+    picked = _HiddenTokenLogps.apply(hidden[b_idx, t_idx - 1], lm_head_weight, lm_head_bias, targets, chunk_rows)
+    return _on_grid(picked, b_idx, t_idx, input_ids.shape)
+
+
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_HEAD_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Summed answer log-prob per sample from final hidden states, fp32 ``[B]``.
+
+    ``sequence_logps`` for trainers that can hand over the hidden states and the
+    output head instead of logits; see ``token_logps_from_hidden``.
+    """
+    return token_logps_from_hidden(
+        hidden, lm_head_weight, input_ids, completion_mask, lm_head_bias=lm_head_bias, chunk_rows=chunk_rows
+    ).sum(-1)
 
 
 def _reduce(per_sample: torch.Tensor, normalizer) -> torch.Tensor:

@@ -102,4 +102,4 @@ def make_engine(config: PrecomputeConfig, engine: str, dtype: str) -> Engine:
     from precompute.hf_engine import HfEngine
 
     return HfEngine(config.model, dtype=dtype, max_batch_tokens=config.max_batch_tokens,
-                    trust_remote_code=config.trust_remote_code)
+                    trust_remote_code=config.trust_remote_code, logp_head=config.logp_head)

@@ -1,10 +1,12 @@
-"""The transformers scoring engine: a plain forward, log-probs through the core's
-``token_logps`` (fp32 log-softmax, chunked over rows, never a whole fp32 vocab tensor).
+"""The transformers scoring engine: log-probs through the core's ``AnswerLogps``, the
+same head the trainer scores the policy with, so the stages agree by construction.
 
 It runs on CUDA when present, else CPU. Samples are sorted by length and packed
 into right-padded batches of at most ``max_batch_tokens`` padded tokens, so padding
-is small and the ``[B, T, V]`` logits stay bounded: their size is
-``max_batch_tokens * vocab * bytes(dtype)`` (16k tokens * 152k * 2 B = 5 GB in bf16).
+is small. With a standard output head (``--logp-head auto``) only answer positions
+are projected onto the vocabulary, a chunk at a time; with ``--logp-head logits`` the
+``[B, T, V]`` logits are ``max_batch_tokens * vocab * bytes(dtype)`` (16k tokens *
+152k * 2 B = 5 GB in bf16).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]
 class HfEngine:
     name = "hf"
 
-    def __init__(self, model_dir: str, *, dtype: str, max_batch_tokens: int, trust_remote_code: bool):
+    def __init__(self, model_dir: str, *, dtype: str, max_batch_tokens: int, trust_remote_code: bool,
+                 logp_head: str):
         import torch
         from transformers import AutoModelForCausalLM
+
+        from minorsft_core.logp_head import AnswerLogps
 
         self.version = engine_version("hf")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,13 +48,11 @@ class HfEngine:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
-        self.model = model.to(self.device).eval()
+        self.model = AnswerLogps(model.to(self.device).eval(), head=logp_head)
         self.pad_id = model.config.pad_token_id or 0  # masked out; any valid id does
 
     def score(self, samples: list[Sample], progress: Progress) -> Scores:
         import torch
-
-        from minorsft_core.losses import token_logps
 
         sums = np.empty(len(samples), dtype=np.float64)
         answers: list[np.ndarray] = [np.empty(0, np.float32)] * len(samples)
@@ -65,8 +68,7 @@ class HfEngine:
                 attention[row, :n] = 1
             ids, mask, attention = ids.to(self.device), mask.to(self.device), attention.to(self.device)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                per_token = token_logps(logits, ids, mask).cpu()
+                per_token = self.model.token_logps(ids, attention, mask).cpu()
             for row, i in enumerate(batch):
                 answer = per_token[row][mask[row].bool().cpu()].numpy()
                 answers[i] = answer

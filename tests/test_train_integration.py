@@ -50,6 +50,7 @@ def policy(tiny_model_dir, tmp_path_factory):
 def _common(data, policy, output, *extra):
     return ["--data", data, "--model", policy, "--output", output, "--global-batch-size", N, "--max-steps", 2,
             "--beta", BETA, "--lr", 1e-3, "--warmup-ratio", 0, "--dtype", "float32", "--drift-tolerance", 100,
+            "--coef-tolerance", 1,
             *extra]
 
 
@@ -151,6 +152,38 @@ def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, t
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
 
 
+def _tied_copy(model_dir: Path, output: Path) -> Path:
+    """``model_dir`` with its output head tied to the input embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings = True
+    state = _weights(model_dir)
+    state.pop("lm_head.weight")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output)
+    return output
+
+
+def test_tied_head_under_zero3_on_two_ranks_equals_the_full_logits_path(data, policy, tmp_path):
+    """The hidden-state head gathers the partitioned, tied output weight through
+    DeepSpeed (external parameter): 2 ranks of it equal 1 rank of plain logits."""
+    tied = _tied_copy(policy, tmp_path / "tied")
+    _ok(run_train(*_common(data, tied, tmp_path / "logits", "--micro-batch-size", N, "--logp-head", "logits")))
+    _ok(run_train(*_common(data, tied, tmp_path / "head", "--micro-batch-size", 2), ranks=2, timeout=400))
+    logits, head = read_metrics(tmp_path / "logits" / "metrics.jsonl"), read_metrics(tmp_path / "head" / "metrics.jsonl")
+    assert len(logits) == len(head) == 2
+    for a, b in zip(logits, head, strict=True):
+        for key in ("loss", "deviation", "abs_deviation", "coef_min", "coef_max", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    w_logits, w_head = _weights(tmp_path / "logits" / "final"), _weights(tmp_path / "head" / "final")
+    assert torch.equal(w_head["lm_head.weight"], w_head["model.embed_tokens.weight"])  # still tied
+    for key in w_logits:
+        torch.testing.assert_close(w_head[key], w_logits[key], rtol=0, atol=1e-5)
+
+
 def test_deepspeed_launcher_zero2_json_and_checkpointing_equal_zero3(two_rank_run, data, policy, tmp_path):
     """The `deepspeed` launcher as the README shows it (no --no_local_rank), with the shipped
     ZeRO-2 JSON and gradient checkpointing: the same two steps as torchrun + ZeRO-3."""
@@ -195,10 +228,28 @@ def test_drift_guard_stops_before_the_first_update(data, policy, tmp_path):
     args = _common(data, policy, tmp_path, "--micro-batch-size", 4)
     args[args.index("--drift-tolerance") + 1] = 1e-4
     result = _ok(run_train(*args), EXIT_DRIFT)
-    assert "exceeds --drift-tolerance" in result.stderr and "--model is not the reference" in result.stderr
+    assert "> --drift-tolerance 0.0001" in result.stderr and "--model is not the reference" in result.stderr
+    assert "step-1 parity with stage one" in result.stderr
     assert read_metrics(tmp_path / "metrics.jsonl") == []
     assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints" / "latest").exists()
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "drifted"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "drifted" and summary["last_metrics"]["abs_deviation"] > 1e-4
+
+
+def test_parity_guard_refuses_per_sample_disagreement_that_cancels_in_the_mean(tiny_model_dir, tmp_path):
+    """A stage one off by +-0.3 nats/token on alternate samples: the signed mean of
+    delta/m is 0 (the old guard passed it), every coefficient is off 1 by about 0.1."""
+    offsets = [0.3 if k % 2 else -0.3 for k in range(N)]
+    shards = write_stage_one_output(tiny_model_dir, make_records(N, seed=5), tmp_path / "shards",
+                                    ref_offset_per_token=offsets)
+    result = _ok(run_train("--data", shards, "--model", tiny_model_dir, "--output", tmp_path / "out",
+                           "--global-batch-size", N, "--micro-batch-size", 4, "--max-steps", 1,
+                           "--dtype", "float32"), EXIT_DRIFT)
+    assert "> --drift-tolerance 0.1" in result.stderr and "score stage one in the dtype you train in" in result.stderr
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())["last_metrics"]
+    assert abs(report["deviation"]) < 1e-4  # cancels: what the old signed-mean guard tested
+    assert report["abs_deviation"] == pytest.approx(0.3, abs=1e-4)
+    assert report["abs_deviation_max"] == pytest.approx(0.3, abs=1e-4)
 
 
 # ---- preemption -----------------------------------------------------------------------------

@@ -32,12 +32,14 @@ def score(model, samples) -> list[float]:
 
 
 def write_stage_one_output(model_dir: Path, records: list[dict], output: Path, *, chunk_rows: int = 1000,
-                           reference_fingerprint: str | None = None, rejected_rows: int = 0) -> Path:
+                           reference_fingerprint: str | None = None, rejected_rows: int = 0,
+                           ref_offset_per_token: list[float] | None = None) -> Path:
     """Score ``records`` with the model in ``model_dir`` into ``output`` as stage one would.
 
     ``rejected_rows`` pretends the last N input rows were rejected (too long), so the
     directory is complete with rejects. ``reference_fingerprint`` overrides the real one
-    (to build mixed-reference directories).
+    (to build mixed-reference directories). ``ref_offset_per_token[i]`` adds
+    ``offset * answer_len`` to record i's reference log-prob (a stage one that disagrees).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,7 +65,8 @@ def write_stage_one_output(model_dir: Path, records: list[dict], output: Path, *
             schema.INPUT_IDS: [s.input_ids for s in samples],
             schema.COMPLETION_MASK: [s.completion_mask for s in samples],
             schema.ANSWER_LEN: [s.answer_len for s in samples],
-            schema.REF_LOGP_SUM: score(model, samples),
+            schema.REF_LOGP_SUM: [logp + (ref_offset_per_token[start + k] * s.answer_len if ref_offset_per_token else 0)
+                                   for k, (s, logp) in enumerate(zip(samples, score(model, samples), strict=True))],
         })
         if rejects:
             schema.rejects_path(output, chunk).write_text(

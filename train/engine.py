@@ -8,7 +8,8 @@ imports it.
   its batch, precision and optimizer keys set from it).
 - ``load_policy`` / ``load_reference``: ZeRO-3 partitioned loading (transformers'
   ``HfDeepSpeedConfig`` must exist before ``from_pretrained`` so no rank ever holds
-  the whole model), then ``deepspeed.initialize``.
+  the whole model), wrapped in ``AnswerLogps`` (the engine's forward returns the
+  ``[B]`` answer log-probs), then ``deepspeed.initialize``.
 - checkpoints (DeepSpeed's, plus per-rank RNG state) and the final HF directory
   gathered from the partitions.
 """
@@ -32,6 +33,8 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+from minorsft_core.logp_head import AnswerLogps  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
@@ -92,6 +95,10 @@ def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> d
         }},
     )
     base.pop("scheduler", None)  # ours: see linear_schedule
+    if dtype == torch.bfloat16:
+        # Sum micro-batch gradients in fp32: 8 bf16 additions lose ~3 bits of the
+        # gradient. A user JSON may still say otherwise explicitly.
+        base.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return base
 
 
@@ -126,14 +133,27 @@ def load_partitioned(path: str, ds: dict, config, dtype: torch.dtype):
     )
 
 
+def _answer_logps(model, config, ds: dict) -> AnswerLogps:
+    """``model`` behind the answer log-prob head. The hidden-state head uses the output
+    projection's weight outside its module's forward: under ZeRO-3 DeepSpeed must be
+    told (``register_external_parameter``) to gather it for the wrapper's forward and
+    backward, or the wrapper would see an empty partition."""
+    wrapper = AnswerLogps(model, head=config.logp_head)
+    if wrapper.uses_hidden_states and ds["zero_optimization"]["stage"] == 3:
+        deepspeed.zero.register_external_parameter(wrapper, wrapper.head_weight())
+    return wrapper
+
+
 def load_policy(config, ds: dict, dtype: torch.dtype, *, total_steps: int, warmup_steps: int):
-    """The trainable policy as a DeepSpeed engine (optimizer and lr schedule inside)."""
+    """The trainable policy as a DeepSpeed engine (optimizer and lr schedule inside);
+    ``engine(input_ids=, attention_mask=, completion_mask=)`` gives ``[B]`` answer log-probs."""
     model = load_partitioned(config.model, ds, config, dtype)
     model.config.use_cache = False  # a KV cache is only for generation
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    wrapper = _answer_logps(model, config, ds)
     engine, *_ = deepspeed.initialize(
-        model=model, config=ds, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=wrapper, config=ds, model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
         lr_scheduler=linear_schedule(total_steps, warmup_steps),
     )
     return engine
@@ -143,7 +163,7 @@ def load_reference(path: str, ds: dict, config, dtype: torch.dtype):
     """A frozen copy as a ZeRO inference engine (the ``--reference online`` baseline)."""
     model = load_partitioned(path, ds, config, dtype)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine, *_ = deepspeed.initialize(model=_answer_logps(model, config, ds), config=ds)
     engine.eval()
     return engine
 
@@ -196,7 +216,8 @@ def save_final(engine, tokenizer, output: Path) -> None:
         else engine.module.state_dict()
     if dist.get_rank() == 0:
         output.mkdir(parents=True, exist_ok=True)
-        model = engine.module
+        model = engine.module.model  # inside the AnswerLogps wrapper, whose keys start with "model."
+        state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
         model.config.use_cache = True  # restore the generation default turned off for training
         model.save_pretrained(output, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(output)

@@ -13,6 +13,7 @@ stay pure and take them through ``normalizer``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,7 +28,9 @@ from train.metrics import MetricsLog
 COMPLETED, PREEMPTED, DRIFTED = "completed", "preempted", "drifted"
 
 # Per-rank sums reduced once per step: what the logged metrics are means of.
-_SUMS = ("loss", "deviation", "coef", "policy_logp", "ref_logp", "answer_tokens", "samples", "stop")
+_SUMS = ("loss", "deviation", "abs_deviation", "coef", "policy_logp", "ref_logp", "answer_tokens", "samples", "stop")
+# Per-rank extremes reduced with MAX (minima negated).
+_EXTREMES = ("coef_max", "neg_coef_min", "abs_deviation_max")
 
 
 def normalizer(config, rows: np.ndarray, answer_len: np.ndarray, layout: Layout) -> float:
@@ -65,24 +68,44 @@ class Run:
 
 
 def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of ``_SUMS`` and its ``[max coef, -min coef]``, moved to
-    the CPU in one transfer (one device sync per micro-batch)."""
+    """This micro-batch's share of ``_SUMS`` and its ``_EXTREMES``, moved to the CPU in
+    one transfer (one device sync per micro-batch)."""
     coef = losses.minorsft_coef(policy_logps, ref_logp_sum, beta=config.beta)
+    abs_deviation = (policy_logps.detach() - ref_logp_sum).abs() / answer_len  # [B] |delta_i| / m_i
     stats = torch.stack([
         loss.detach().double(),
         losses.deviation(policy_logps, ref_logp_sum, answer_len, normalizer=1.0).double(),
+        abs_deviation.sum().double(),
         coef.sum().double(), policy_logps.detach().sum().double(), ref_logp_sum.sum().double(),
         answer_len.sum().double(), torch.tensor(float(len(answer_len)), dtype=torch.float64, device=coef.device),
         torch.zeros((), dtype=torch.float64, device=coef.device),  # "stop", set once per step
-        coef.max().double(), -coef.min().double(),
+        coef.max().double(), -coef.min().double(), abs_deviation.max().double(),
     ]).cpu()
     return stats[:len(_SUMS)], stats[len(_SUMS):]
 
 
-def _global_stats(sums: torch.Tensor, coef_extremes: torch.Tensor) -> tuple[dict, list[float]]:
+def _global_stats(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[dict, dict]:
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    dist.all_reduce(coef_extremes, op=dist.ReduceOp.MAX)
-    return dict(zip(_SUMS, sums.tolist(), strict=True)), coef_extremes.tolist()
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return dict(zip(_SUMS, sums.tolist(), strict=True)), dict(zip(_EXTREMES, extremes.tolist(), strict=True))
+
+
+def parity_failures(config, metrics: dict) -> list[str]:
+    """Why step 1 must not train, from its metrics (empty: go on).
+
+    Before the first update the policy is the reference, so every delta_i measures how
+    far the trainer's forward disagrees with stage one's on sample i. Per-sample
+    statistics, not the signed batch mean: bf16 disagreement has both signs and
+    cancels in the mean while still making each coefficient w_i noisy.
+    """
+    failures = []
+    if metrics["abs_deviation"] > config.drift_tolerance:
+        failures.append(f"mean |delta_i|/m_i {metrics['abs_deviation']:.4f} nats/token > --drift-tolerance "
+                        f"{config.drift_tolerance}")
+    coef_spread = max(metrics["coef_max"] - 1.0, 1.0 - metrics["coef_min"])
+    if coef_spread > config.coef_tolerance:
+        failures.append(f"max |w_i - 1| {coef_spread:.4f} > --coef-tolerance {config.coef_tolerance}")
+    return failures
 
 
 def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | None]:
@@ -100,25 +123,37 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
         norm = normalizer(config, rows, run.answer_len, layout)
         started = time.perf_counter()
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-        coef_extremes = torch.full((2,), -float("inf"), dtype=torch.float64)  # [max, -min]
+        extremes = torch.full((len(_EXTREMES),), -float("inf"), dtype=torch.float64)
         micros = plan[run.rank]
         for slot, micro_rows in enumerate(micros):
             batch = collate(run.dataset, micro_rows, run.pad_token_id).to(run.device)
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            policy_logps = losses.sequence_logps(logits, batch.input_ids, batch.completion_mask)
+            policy_logps = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  completion_mask=batch.completion_mask)  # [B] fp32, see logp_head
             ref_logp_sum = batch.ref_logp_sum if run.score_reference is None else run.score_reference(batch)
             loss = compute_loss(config, policy_logps, ref_logp_sum, batch.answer_len, norm)
             engine.backward(loss)
             micro_sums, micro_extremes = _micro_stats(config, loss, policy_logps, ref_logp_sum, batch.answer_len)
             sums += micro_sums
-            coef_extremes = torch.maximum(coef_extremes, micro_extremes)
+            extremes = torch.maximum(extremes, micro_extremes)
             if slot < len(micros) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; only the window's last one updates
         sums[_SUMS.index("stop")] = float(run.stop_requested())
-        total, (coef_max, neg_coef_min) = _global_stats(sums, coef_extremes)
-        deviation = total["deviation"] / total["samples"]
-        if step == 1 and abs(deviation) > config.drift_tolerance:
-            return DRIFTED, 0, {"deviation": deviation}
+        total, extreme = _global_stats(sums, extremes)
+        agreement = {  # with the reference: per-sample delta_i / m_i and the coefficients
+            "deviation": total["deviation"] / total["samples"],
+            "abs_deviation": total["abs_deviation"] / total["samples"],
+            "abs_deviation_max": extreme["abs_deviation_max"],
+            "coef_mean": total["coef"] / total["samples"],
+            "coef_min": -extreme["neg_coef_min"],
+            "coef_max": extreme["coef_max"],
+        }
+        if step == 1:
+            if run.rank == 0:
+                print(f"minorsft: step-1 parity with stage one (policy = reference): |delta|/m mean "
+                      f"{agreement['abs_deviation']:.2e} max {agreement['abs_deviation_max']:.2e} nats/token, "
+                      f"coef {agreement['coef_min']:.4f}..{agreement['coef_max']:.4f}", file=sys.stderr, flush=True)
+            if parity_failures(config, agreement):
+                return DRIFTED, 0, agreement
         lr = engine.get_lr()[0]  # the lr this update uses; the scheduler advances in step()
         engine.step()
         elapsed = time.perf_counter() - started
@@ -126,10 +161,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
         metrics = {
             "step": step,
             "loss": total["loss"] / (layout.accumulation * layout.world),
-            "deviation": deviation,
-            "coef_mean": total["coef"] / total["samples"],
-            "coef_min": -neg_coef_min,
-            "coef_max": coef_max,
+            **agreement,
             "policy_logp_per_token": total["policy_logp"] / total["answer_tokens"],
             "ref_logp_per_token": total["ref_logp"] / total["answer_tokens"],
             "lr": lr,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # External checks read these keys; every line has exactly them.
 METRIC_KEYS = (
-    "step", "loss", "deviation", "coef_mean", "coef_min", "coef_max", "policy_logp_per_token",
+    "step", "loss", "deviation", "abs_deviation", "abs_deviation_max", "coef_mean", "coef_min", "coef_max", "policy_logp_per_token",
     "ref_logp_per_token", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_fraction",
 )
 

@@ -198,7 +198,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     dist.destroy_process_group()
     if status == DRIFTED:
         if rank == 0:
-            _say(_drift_message(config, metrics["deviation"]))
+            _say(_drift_message(config, metrics))
         return EXIT_DRIFT
     if status == PREEMPTED:
         if rank == 0:
@@ -221,26 +221,27 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def _drift_message(config: TrainConfig, deviation: float) -> str:
+def _drift_message(config: TrainConfig, agreement: dict) -> str:
+    from train.loop import parity_failures
+
     return (
-        f"step-1 deviation {deviation:+.4f} nats/token exceeds --drift-tolerance {config.drift_tolerance}; "
-        "stopped before the first update. Before training the policy should be the reference, so this "
-        "measures the drift between stage one and the trainer (3e-7 in fp32 on CPU, measured by `minorsft "
-        "demo`; bf16 kernels drift more, so measure yours). "
-        "Likely causes: --model is not the reference the shards were scored with, or a tokenizer / chat "
-        "template / dtype mismatch between the stages. If the policy deliberately differs from the "
-        "reference (e.g. continuing from a fine-tuned checkpoint), raise --drift-tolerance."
+        f"step 1: the policy disagrees with stage one's reference ({'; '.join(parity_failures(config, agreement))}; "
+        f"signed mean delta/m {agreement['deviation']:+.4f}); stopped before the first update. Before training the "
+        "policy is the reference, so this measures how differently the two stages score the same samples. "
+        "Likely causes: --model is not the reference the shards were scored with; a tokenizer, chat template or "
+        "dtype mismatch between the stages. bf16 scoring differs per sample (docs/train.md, parity table): score "
+        "stage one in the dtype you train in, or with `--engine hf` (the trainer's own head), or in float32. If the "
+        "policy deliberately differs from the reference (continuing from a fine-tuned checkpoint), raise "
+        "--drift-tolerance and --coef-tolerance."
     )
 
 
 def _online_reference(reference_engine):
     import torch
 
-    from minorsft_core.losses import sequence_logps
-
     @torch.no_grad()
     def score(batch):
-        logits = reference_engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return sequence_logps(logits, batch.input_ids, batch.completion_mask).double()
+        return reference_engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                completion_mask=batch.completion_mask).double()
 
     return score

@@ -1,0 +1,125 @@
+"""The hidden-state answer log-prob head (``losses.token_logps_from_hidden`` and
+``logp_head.AnswerLogps``) against the full-logits path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minorsft_core.logp_head import AnswerLogps, output_head
+from minorsft_core.losses import token_logps, token_logps_from_hidden
+
+
+def _batch(batch=3, seq_len=23, vocab=97, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    completion_mask = torch.zeros(batch, seq_len, dtype=torch.long)
+    completion_mask[0, 5:12] = 1
+    completion_mask[1, 1:] = 1
+    completion_mask[2, seq_len - 1] = 1
+    return input_ids, completion_mask
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_hidden_head_equals_logits_path_values_and_gradients_fp32(chunk_rows, with_bias):
+    input_ids, completion_mask = _batch()
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 23, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(97, generator=gen, requires_grad=True) if with_bias else None
+    upstream = torch.rand(3, 23, generator=gen)  # non-uniform per-token gradients
+    ours = token_logps_from_hidden(hidden, weight, input_ids, completion_mask, lm_head_bias=bias,
+                                   chunk_rows=chunk_rows)
+    grads = torch.autograd.grad((ours * upstream).sum(), [t for t in (hidden, weight, bias) if t is not None])
+    logits = hidden @ weight.T + (bias if with_bias else 0)
+    reference = token_logps(logits, input_ids, completion_mask)
+    ref_grads = torch.autograd.grad((reference * upstream).sum(), [t for t in (hidden, weight, bias) if t is not None])
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
+    assert (ours[completion_mask == 0] == 0).all()
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_head_gradcheck_fp64():
+    input_ids, completion_mask = _batch(seq_len=9, vocab=11)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: token_logps_from_hidden(h, w, input_ids, completion_mask, lm_head_bias=b, chunk_rows=3),
+        (hidden, weight, bias),
+    )
+
+
+def test_hidden_head_bf16_is_fp32_softmax_of_the_bf16_projection():
+    """bf16 inputs: per-token log-probs come back in fp32 (not rounded to bf16), equal to
+    an fp32 log-softmax of the bf16 projection, i.e. what the model's own bf16 head gives."""
+    input_ids, completion_mask = _batch(vocab=301)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 23, 32, generator=gen).bfloat16()
+    weight = (torch.randn(301, 32, generator=gen) * 0.5).bfloat16()
+    ours = token_logps_from_hidden(hidden, weight, input_ids, completion_mask, chunk_rows=7)
+    expected = token_logps(hidden @ weight.T, input_ids, completion_mask)  # bf16 logits, fp32 log-softmax
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def _qwen2(tie: bool, vocab=131, **extra):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie, **extra)
+    return Qwen2ForCausalLM(config).float()
+
+
+def _llama_tied(vocab=131):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("make_model", [lambda: _qwen2(tie=False), lambda: _qwen2(tie=True), _llama_tied],
+                         ids=["qwen2-untied", "qwen2-tied", "llama-tied"])
+def test_answer_logps_hidden_path_equals_logits_path_with_gradients(make_model):
+    model = make_model()
+    assert output_head(model) is not None
+    input_ids, completion_mask = _batch(vocab=131)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :3] = 0  # some padding, masked out of attention
+    completion_mask[2] = 0
+    completion_mask[2, 10:] = 1
+    results = {}
+    for head in ("auto", "logits"):
+        wrapper = AnswerLogps(model, head=head)
+        model.zero_grad()
+        logps = wrapper(input_ids, attention_mask, completion_mask)
+        (logps * torch.tensor([0.3, -1.0, 2.0])).sum().backward()
+        results[head] = (logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert AnswerLogps(model).uses_hidden_states
+    torch.testing.assert_close(results["auto"][0], results["logits"][0], atol=1e-5, rtol=0)
+    for name, grad in results["auto"][1].items():
+        torch.testing.assert_close(grad, results["logits"][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_soft_capped_head_falls_back_to_logits_with_a_warning():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    model = Gemma2ForCausalLM(config).float()
+    assert output_head(model) is None
+    with pytest.warns(UserWarning, match="no standard output head"):
+        wrapper = AnswerLogps(model)
+    assert not wrapper.uses_hidden_states
+    input_ids, completion_mask = _batch(vocab=61)
+    attention_mask = torch.ones_like(input_ids)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(wrapper(input_ids, attention_mask, completion_mask),
+                               token_logps(logits, input_ids, completion_mask).sum(-1))
