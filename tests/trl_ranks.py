@@ -1,0 +1,29 @@
+"""Run by tests/test_trl.py under torchrun: MinorSFTTrainer on several ranks (DDP, gloo on
+CPU) with the settings of ``test_trl._config``; rank 0 writes the step logs and the model.
+
+    torchrun --nproc_per_node R tests/trl_ranks.py DATA MODEL OUTPUT MICRO ACCUMULATION
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_trl import _trainer  # noqa: E402
+
+
+def main(data: str, model: str, output: str, micro: str, accumulation: str) -> None:
+    trainer = _trainer(model, Path(data), Path(output), per_device_train_batch_size=int(micro),
+                       gradient_accumulation_steps=int(accumulation), drift_tolerance=100,
+                       use_cpu=True)  # without it transformers runs each CPU rank alone (DistributedType.NO)
+    trainer.train()
+    trainer.save_model(str(Path(output) / "final"))
+    if trainer.is_world_process_zero():
+        (Path(output) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
