@@ -27,6 +27,17 @@ STEP_METRICS = ("loss", "deviation", "coef_mean", "coef_min", "coef_max", "polic
                 "ref_logp_per_token", "grad_norm")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as `run_train` gives `minorsft train` (OMP_NUM_THREADS=1): the tiny
+    model gains nothing from two, and on a busy 2-core machine two threads made each TRL step
+    4x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def minorsft_train_run(data, policy, tmp_path_factory):
     """`minorsft train`: one rank, micro-batches of 4, accumulation 2, no warm-up."""
@@ -212,3 +223,31 @@ def test_nothing_else_imports_trl():
                  if re.search(r"^\s*(import trl\b|from trl\b)", path.read_text(), flags=re.M)}
     assert importers == {"train/trl.py"}
 
+
+@pytest.mark.slow
+def test_docs_page_trains_minorsft_on_the_bundled_default(tmp_path, monkeypatch):
+    """docs/trl.md's two blocks as written, outputs under tmp_path; stage one with the HF
+    engine, which skips vLLM's ~30 s start-up on this tiny model."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_fixtures import REPO
+
+    page = (REPO / "docs" / "trl.md").read_text().replace("runs/trl", str(tmp_path))
+    (bash,) = re.findall(r"```bash\n(.*?)```", page, flags=re.S)
+    (stage_one,) = [line for line in bash.splitlines() if "minorsft precompute" in line]
+    command = stage_one.replace(".venv/bin/minorsft", str(Path(sys.executable).with_name("minorsft"))).split()
+    result = subprocess.run([*command, "--engine", "hf"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (python,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    monkeypatch.chdir(REPO)
+    namespace = {}
+    exec(python, namespace)
+    trainer = namespace["trainer"]
+    logged = _step_logs(trainer)  # past step 1: the guard (default tolerance) accepted the reference
+    assert trainer.state.global_step == trainer.state.max_steps == 20 and len(logged) == 4
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    assert logged[-1]["deviation"] > 0.5 and logged[-1]["coef_mean"] < 1  # off the reference, weights < 1
+    assert (tmp_path / "minorsft" / "final" / "model.safetensors").exists()
