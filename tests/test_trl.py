@@ -186,19 +186,27 @@ def test_config_defaults_are_the_papers_and_parse_from_the_command_line(tmp_path
 
 
 @pytest.mark.slow
-def test_two_ranks_with_accumulation_equal_minorsft_train(minorsft_train_run, data, policy, tmp_path):
-    """DDP (gloo) over 2 ranks x 2 micro-batches of 2: the normaliser counts both ranks' samples."""
+@pytest.mark.parametrize("ranks, micro, deepspeed", [
+    (2, 2, None),  # DDP (gloo): the normaliser counts both ranks' samples
+    (1, 4, "configs/deepspeed/zero3.json"),  # DeepSpeed ZeRO-3: the engine must not divide by the accumulation again
+], ids=["ddp-2-ranks", "deepspeed-zero3"])
+def test_launched_runs_with_accumulation_equal_minorsft_train(minorsft_train_run, data, policy, tmp_path, ranks,
+                                                              micro, deepspeed):
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from safetensors.torch import load_file
+    from train_fixtures import REPO
+
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     script = Path(__file__).with_name("trl_ranks.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), str(data), str(policy),
-                             str(tmp_path), "2", "2"], env=env, capture_output=True, text=True, timeout=400)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    args = [str(data), str(policy), str(tmp_path), str(micro), "2", *([str(REPO / deepspeed)] if deepspeed else [])]
+    result = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={ranks}", str(script), *args], env=env,
+                            capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     logged = [e for e in json.loads((tmp_path / "log_history.json").read_text()) if "deviation" in e]
     expected = read_metrics(minorsft_train_run / "metrics.jsonl")
@@ -206,7 +214,9 @@ def test_two_ranks_with_accumulation_equal_minorsft_train(minorsft_train_run, da
     for got, want in zip(logged, expected, strict=True):
         for key in STEP_METRICS:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
-    trained, reference = _weights(tmp_path / "final"), _weights(minorsft_train_run / "final")
+    trained = load_file(tmp_path / "final" / "model.safetensors")
+    reference = load_file(minorsft_train_run / "final" / "model.safetensors")
+    assert trained.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(trained[key], reference[key], rtol=0, atol=1e-5)
 
