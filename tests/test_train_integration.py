@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_records
-from train_fixtures import REPO, perturbed_copy, run_train, score, train_command, write_stage_one_output
+from conftest import STAGE_ONE_ROWS, make_records
+from train_fixtures import REPO, run_train, score, train_command, write_stage_one_output
 
 from minorsft_core.cli import EXIT_DRIFT, EXIT_PREEMPTED
 from minorsft_core.data import SampleRenderer
@@ -31,20 +31,8 @@ from train.metrics import METRIC_KEYS, read_metrics
 pytestmark = pytest.mark.slow
 
 BETA = 0.04
-N = 8  # samples = one global batch, so step 1 sees every sample
+N = STAGE_ONE_ROWS  # samples = one global batch, so step 1 sees every sample
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
-
-
-@pytest.fixture(scope="module")
-def data(tiny_model_dir, tmp_path_factory):
-    return write_stage_one_output(tiny_model_dir, make_records(N, seed=5), tmp_path_factory.mktemp("shards"),
-                                  chunk_rows=5)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir, tmp_path_factory):
-    """Not the reference: every delta_i is nonzero, so the coefficients vary."""
-    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("policy"), scale=0.02)
 
 
 def _common(data, policy, output, *extra):

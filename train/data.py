@@ -25,16 +25,21 @@ from minorsft_core.schema import ANSWER_LEN, COMPLETION_MASK, INPUT_IDS, REF_LOG
 MEGABATCH_STEPS = 50
 
 
-def open_shards(scanned: ScannedOutput, cache_dir: str | Path):
+# The columns stage two trains on.
+TRAIN_COLUMNS = (INPUT_IDS, COMPLETION_MASK, ANSWER_LEN, REF_LOGP_SUM)
+
+
+def open_shards(scanned: ScannedOutput, cache_dir: str | Path | None, columns=TRAIN_COLUMNS):
     """The scanned shards as one memory-mapped ``datasets.Dataset`` (an Arrow file on disk,
-    built once under ``cache_dir`` and reused by every rank and every resume)."""
+    built once under ``cache_dir`` and reused by every rank and every resume; None: the
+    ``datasets`` cache)."""
     import datasets
 
     datasets.disable_progress_bars()
     return datasets.Dataset.from_parquet(
         [str(path) for path in scanned.shard_paths],
-        columns=[INPUT_IDS, COMPLETION_MASK, ANSWER_LEN, REF_LOGP_SUM],
-        cache_dir=str(cache_dir),
+        columns=list(columns),
+        cache_dir=None if cache_dir is None else str(cache_dir),
         keep_in_memory=False,
     )
 
@@ -123,11 +128,16 @@ class MicroBatch:
 
 
 def collate(dataset, rows: np.ndarray, pad_token_id: int) -> MicroBatch:
-    records = dataset[[int(r) for r in rows]]
+    return pad_records(dataset[[int(r) for r in rows]], pad_token_id)
+
+
+def pad_records(records: dict[str, list], pad_token_id: int) -> MicroBatch:
+    """Right-pad a batch given column-wise (``TRAIN_COLUMNS`` -> one list per column)."""
+    size = len(records[INPUT_IDS])
     width = max(len(ids) for ids in records[INPUT_IDS])
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((size, width), dtype=torch.long)
+    completion_mask = torch.zeros((size, width), dtype=torch.long)
     for b, (ids, mask) in enumerate(zip(records[INPUT_IDS], records[COMPLETION_MASK], strict=True)):
         input_ids[b, :len(ids)] = torch.as_tensor(ids)
         attention_mask[b, :len(ids)] = 1

@@ -90,6 +90,19 @@ def _global_stats(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[dict, dic
     return dict(zip(_SUMS, sums.tolist(), strict=True)), dict(zip(_EXTREMES, extremes.tolist(), strict=True))
 
 
+def agreement_with_reference(total: dict, extreme: dict) -> dict:
+    """The metrics of how the policy relates to the reference over a batch: Eq. 8's
+    deviation, per-sample |delta_i| / m_i, and the coefficients w_i."""
+    return {
+        "deviation": total["deviation"] / total["samples"],
+        "abs_deviation": total["abs_deviation"] / total["samples"],
+        "abs_deviation_max": extreme["abs_deviation_max"],
+        "coef_mean": total["coef"] / total["samples"],
+        "coef_min": -extreme["neg_coef_min"],
+        "coef_max": extreme["coef_max"],
+    }
+
+
 def parity_failures(config, metrics: dict) -> list[str]:
     """Why step 1 must not train, from its metrics (empty: go on).
 
@@ -139,14 +152,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
                 engine.step()  # DeepSpeed counts micro-steps; only the window's last one updates
         sums[_SUMS.index("stop")] = float(run.stop_requested())
         total, extreme = _global_stats(sums, extremes)
-        agreement = {  # with the reference: per-sample delta_i / m_i and the coefficients
-            "deviation": total["deviation"] / total["samples"],
-            "abs_deviation": total["abs_deviation"] / total["samples"],
-            "abs_deviation_max": extreme["abs_deviation_max"],
-            "coef_mean": total["coef"] / total["samples"],
-            "coef_min": -extreme["neg_coef_min"],
-            "coef_max": extreme["coef_max"],
-        }
+        agreement = agreement_with_reference(total, extreme)
         if step == 1:
             if run.rank == 0:
                 print(f"minorsft: step-1 parity with stage one (policy = reference): |delta|/m mean "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -28,9 +27,8 @@ from minorsft_core.schema import (
     ScannedOutput,
     describe_differences,
     model_fingerprint,
-    scan_output_dir,
-    tokenizer_fingerprint,
 )
+from train.stage_one import check_tokenizer, scan_stage_one
 
 # Fields that may change between a run and its resume without changing what is trained.
 _OPERATIONAL_FIELDS = {"save_steps", "save_total_limit", "tensorboard", "wandb", "output"}
@@ -45,11 +43,7 @@ def check_inputs(config: TrainConfig):
     shards and the policy's tokenizer."""
     from transformers import AutoTokenizer
 
-    # Metadata checks (complete, one run) are cheap and every rank makes them; the row
-    # checks read every token, so only global rank 0 makes them: N ranks re-reading the
-    # data set from a shared filesystem would cost N times the traffic. A refusal on
-    # rank 0 ends the job, as launchers stop all ranks when one fails.
-    scanned = scan_output_dir(config.data, validate_rows=os.environ.get("RANK", "0") == "0")
+    scanned = scan_stage_one(config.data)
     if Path(config.model).exists() and not Path(config.model, "config.json").exists():
         raise FileNotFoundError(f"--model {config.model}: no config.json; pass a Hugging Face model directory")
     try:
@@ -57,13 +51,7 @@ def check_inputs(config: TrainConfig):
     except OSError as err:  # not a directory here and not resolvable as a hub id
         raise FileNotFoundError(f"--model {config.model}: cannot load its tokenizer ({err})") from err
     meta = scanned.metadata
-    if tokenizer_fingerprint(tokenizer) != meta.tokenizer_fingerprint:
-        raise ContractError(
-            f"the policy's tokenizer ({config.model}) differs from the one stage one used for {config.data} "
-            f"(reference {meta.reference_model}): vocabulary, special tokens or chat template. The shards' "
-            "token ids would mean different text to the policy. Train the model the shards were scored "
-            "for, or re-run `minorsft precompute` with this model's tokenizer."
-        )
+    check_tokenizer(tokenizer, meta, model=config.model, data=config.data)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise DataError(f"{config.model}: the tokenizer has neither a pad nor an eos token to pad batches with")
     if config.reference == "online":
