@@ -123,8 +123,12 @@ def demo(
     """Both stages end to end on the bundled default (data/default, CPU): sft, minorsft, dpo_sft."""
     from pathlib import Path
 
-    from minorsft_core.demo import run_demo
+    from minorsft_core.demo import require_checkout, run_demo
 
+    try:
+        require_checkout()
+    except FileNotFoundError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
     try:
         run_demo(Path(output), engine=engine)
     except RuntimeError as err:

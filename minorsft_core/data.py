@@ -1,4 +1,4 @@
-"""From input records to samples ready to score (SPEC §4).
+"""From input records to samples ready to score (input formats: ``docs/precompute.md``).
 
 ``read_records`` streams ``(row, record)`` pairs from a JSONL / JSON / Parquet file or
 a ``datasets`` directory, turning lines that do not parse into rejects instead of

@@ -27,6 +27,18 @@ DEFAULT_DATA = REPO / "data" / "default"
 LOSSES = ("sft", "minorsft", "dpo_sft")
 
 
+def require_checkout() -> None:
+    """The demo's settings and data are files of the repository, not of the installed
+    package: say so instead of failing halfway through."""
+    missing = [str(path) for path in (REPO / "configs" / "demo", DEFAULT_DATA) if not path.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"minorsft demo runs from a source checkout: {', '.join(missing)} not found (configs/ and data/ "
+            "are not installed with the package). Clone the repository, `bash scripts/setup-cpu.sh` in it, "
+            "and run `.venv/bin/minorsft demo` there."
+        )
+
+
 def run_minorsft(*args: str, log_path: Path) -> float:
     """Run one ``minorsft`` command in a child process; return its wall time. Its output
     goes to ``log_path``; on failure the log's tail is shown and the demo stops."""

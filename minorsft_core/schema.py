@@ -1,4 +1,4 @@
-"""The one owner of the stage-one -> stage-two contract (SPEC §3).
+"""The one owner of the stage-one -> stage-two contract.
 
 Stage one writes, per chunk J of the input, ``shard-{J:06d}.parquet`` (the
 scored rows) and ``rejects-{J:06d}.jsonl`` (the rows it could not score, with a
@@ -98,7 +98,7 @@ class ShardMetadata:
     schema_version: int = SCHEMA_VERSION
 
     CHUNK_FIELDS = ("chunk_index", "rows_scored", "rows_rejected")
-    # Engine and dtype change the values only by numerical drift (SPEC §2): a resumed
+    # Engine and dtype change the values only by numerical drift (``minorsft_core/losses.py``): a resumed
     # job may not switch them, but that is the run-config check's business, so they
     # stay run fields.
 
@@ -183,7 +183,7 @@ def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:
 
 
 def validate_table(table: pa.Table, source: str) -> None:
-    """Row-level checks of SPEC §3 on a whole table, vectorised.
+    """Row-level checks of the contract on a whole table, vectorised.
 
     Raises ``ContractError`` naming the first bad row: non-finite ``ref_logp_sum``,
     ``input_ids`` and ``completion_mask`` of different lengths, a mask that is not

@@ -1,4 +1,4 @@
-"""``minorsft precompute``: score every sample with the frozen reference model (SPEC §3-§5).
+"""``minorsft precompute``: score every sample with the frozen reference model (``docs/precompute.md``).
 
 Reads top to bottom: resolve engine and dtype, render nothing yet but identify the
 run (model, tokenizer, data fingerprints), refuse an output directory written by a

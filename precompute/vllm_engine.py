@@ -8,7 +8,7 @@ position 0). The one generated token is thrown away.
 
 Only this module imports vllm, and only when the engine is built. ``LLM(...)`` spawns
 worker processes, so it must be built under ``if __name__ == "__main__":`` or from the
-``minorsft`` command (ENV.md).
+``minorsft`` command.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ exactly as a user runs it (real vLLM CPU engine when installed, real DeepSpeed).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,19 @@ def test_demo_trains_each_loss(demo_run):
         assert (output / loss / "final" / "model.safetensors").exists()
         assert row["target_loss"] > 0
     assert (output / "figure.png").stat().st_size > 10_000
+
+
+def test_demo_outside_a_checkout_says_it_needs_one(tmp_path):
+    """Installed as a wheel installs it (the packages only), the demo refuses clearly."""
+    import shutil
+
+    site = tmp_path / "site"
+    for package in ("minorsft_core", "precompute", "train"):  # pyproject's [tool.setuptools] packages
+        shutil.copytree(REPO / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys; from minorsft_core import demo; assert demo.__file__.startswith(sys.argv[1]), demo.__file__; "
+            "from minorsft_core.cli import main; sys.argv[1:] = ['demo', '--output', 'out']; main()")
+    result = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "minorsft demo runs from a source checkout" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ fake split over ranks and micro-batches, the lr schedule, and every input guard
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -147,7 +148,11 @@ def test_guard_incomplete_directory(stage_one, tiny_model_dir, tmp_path):
     data = _copy(stage_one, tmp_path / "data")
     schema.shard_path(data, 1).unlink()
     _refused(_train_cli(data, tiny_model_dir, tmp_path / "out"), "incomplete", "re-run the same `minorsft precompute`")
-    assert not (tmp_path / "out").exists()
+    # Refused before any work: the output holds only the summary a batch script branches on.
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == EXIT_BAD_INPUT
+    assert "incomplete" in summary["reason"]
 
 
 def test_guard_mixed_references(stage_one, tiny_model_dir, tmp_path):

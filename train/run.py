@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from minorsft_core.cli import EXIT_DRIFT, EXIT_ENGINE, EXIT_OK, EXIT_PREEMPTED
+from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_ENGINE, EXIT_IO, EXIT_OK, EXIT_PREEMPTED
 from minorsft_core.config import TrainConfig, save_config
 from minorsft_core.data import DataError
 from minorsft_core.schema import (
@@ -106,20 +107,48 @@ class _StopFlag:
 
 
 def main(config: TrainConfig) -> int:
-    scanned, tokenizer = check_inputs(config)
+    try:
+        scanned, tokenizer = check_inputs(config)
+    except (ContractError, DataError, FileNotFoundError) as err:
+        _record_failure(config, EXIT_BAD_INPUT, err)
+        raise
+    except OSError as err:
+        _record_failure(config, EXIT_IO, err)
+        raise
     summary = Path(config.output) / "summary.json"
-    if summary.exists() and json.loads(summary.read_text())["status"] == "completed":
+    if _summary_status(summary) == "completed":
         # Re-running a batch job that already finished must not train again from its
         # last periodic checkpoint and overwrite final/.
         _say(f"{config.output} already holds a completed run ({config.output}/final); nothing to do")
         return EXIT_OK
     try:
         return _train(config, scanned, tokenizer)
-    except (ContractError, DataError, FileNotFoundError):
+    except (ContractError, DataError, FileNotFoundError) as err:
+        _record_failure(config, EXIT_BAD_INPUT, err)
         raise
-    except Exception:  # the engine failed at run time: a retry may help, bad input would not
+    except Exception as err:  # the engine failed at run time: a retry may help, bad input would not
         traceback.print_exc()
+        _record_failure(config, EXIT_ENGINE, err)
         return EXIT_ENGINE
+
+
+def _summary_status(path: Path) -> str | None:
+    return json.loads(path.read_text())["status"] if path.exists() else None
+
+
+def _record_failure(config: TrainConfig, exit_code: int, err: BaseException) -> None:
+    """Write ``summary.json`` for a run that failed, so a batch script can branch on it:
+    launchers such as torchrun report any rank's failure as their own exit code 1.
+    Rank 0 writes it; a completed run's summary is never replaced."""
+    summary = Path(config.output) / "summary.json"
+    if os.environ.get("RANK", "0") != "0" or _summary_status(summary) == "completed":
+        return
+    try:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"status": "failed", "exit_code": exit_code, "reason": str(err)}, indent=2)
+                           + "\n")
+    except OSError:
+        pass  # the output directory itself is unusable; the error above already says why
 
 
 def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
@@ -173,7 +202,8 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     if status == COMPLETED:
         ds.save_final(engine, tokenizer, output / "final")
     summary = {
-        "status": status, "step": last_step, "total_steps": total_steps, "last_metrics": metrics,
+        "status": status, "exit_code": {COMPLETED: EXIT_OK, PREEMPTED: EXIT_PREEMPTED, DRIFTED: EXIT_DRIFT}[status],
+        "step": last_step, "total_steps": total_steps, "last_metrics": metrics,
         "world_size": world, "gradient_accumulation_steps": layout.accumulation, "dtype": str(dtype),
         "samples": len(lengths), "rows_rejected_by_stage_one": scanned.rows_rejected,
         "reference_fingerprint": scanned.metadata.reference_fingerprint, "seconds": time.time() - started,
