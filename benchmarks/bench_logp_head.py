@@ -17,7 +17,7 @@ no slower.
     .venv/bin/python benchmarks/bench_logp_head.py [--answer-tokens 1000 4000] [--repeats 2]
 
 Peak memory is the process's peak RSS on CPU (model, optimizer and activations
-included), CUDA peak allocated on a GPU.
+included); on a GPU, stage two's is CUDA peak allocated, stage one's still host RSS.
 """
 
 from __future__ import annotations
@@ -92,22 +92,22 @@ def measured(command: list) -> tuple[subprocess.CompletedProcess, float]:
     return result, max_rss_kib / 1024
 
 
-def precompute(head: str, model: Path, data: Path, output: Path, max_len: int) -> dict:
+def precompute(head: str, model: Path, data: Path, output: Path, max_len: int, dtype: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     minorsft = Path(sys.executable).with_name("minorsft")
     _, peak = measured([minorsft, "precompute", "--model", model, "--data", data, "--output", output,
-                        "--engine", "hf", "--dtype", "float32", "--max-seq-len", max_len,
+                        "--engine", "hf", "--dtype", dtype, "--max-seq-len", max_len,
                         "--max-batch-tokens", max_len, "--logp-head", head, "--quiet"])
     summary = json.loads((output / "summary-w0.json").read_text())
     return {"peak_mib": peak, "tokens_per_s": summary["tokens_per_s"]}
 
 
-def train(head: str, model: Path, shards: Path, output: Path, global_batch: int, steps: int) -> dict:
+def train(head: str, model: Path, shards: Path, output: Path, global_batch: int, steps: int, dtype: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     minorsft = Path(sys.executable).with_name("minorsft")
     measured([minorsft, "train", "--data", shards, "--model", model, "--output", output,
               "--global-batch-size", global_batch, "--micro-batch-size", 1, "--max-steps", steps,
-              "--dtype", "float32", "--save-steps", 10**6, "--logp-head", head])
+              "--dtype", dtype, "--save-steps", 10**6, "--logp-head", head])
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((output / "summary.json").read_text())
     return {"peak_mib": summary["peak_memory_mib"],  # the rank's own: RSS on CPU, CUDA peak on GPU
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, nargs=2, default=(1000, 4000), metavar=("MIN", "MAX"))
     parser.add_argument("--steps", type=int, default=3, help="training steps of 2 samples; step 1 is warm-up")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is reported")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both stages")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -136,8 +137,9 @@ def main() -> None:
         rounds = []
         for _ in range(args.repeats):
             rounds.append({head: {
-                "stage one": precompute(head, model, data, work / f"shards-{head}", max_len),
-                "stage two": train(head, model, work / f"shards-{head}", work / f"run-{head}", 2, args.steps),
+                "stage one": precompute(head, model, data, work / f"shards-{head}", max_len, args.dtype),
+                "stage two": train(head, model, work / f"shards-{head}", work / f"run-{head}", 2, args.steps,
+                                   args.dtype),
             } for head in HEADS})
     best = {head: {stage: {"peak_mib": min(r[head][stage]["peak_mib"] for r in rounds)}
                    for stage in ("stage one", "stage two")} for head in HEADS}
@@ -146,7 +148,7 @@ def main() -> None:
         best[head]["stage two"]["step_s"] = min(r[head]["stage two"]["step_s"] for r in rounds)
 
     print(f"vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, {args.samples} samples with "
-          f"answers of {args.answer_tokens[0]}-{args.answer_tokens[1]} tokens, fp32, best of {args.repeats} rounds")
+          f"answers of {args.answer_tokens[0]}-{args.answer_tokens[1]} tokens, {args.dtype}, best of {args.repeats} rounds")
     print(f"{'measure':<28}{'logits':>12}{'auto (head)':>14}{'ratio':>8}")
     rows = [("stage one peak MiB", "stage one", "peak_mib"), ("stage one tokens/s", "stage one", "tokens_per_s"),
             ("stage two peak MiB", "stage two", "peak_mib"), ("stage two s/step", "stage two", "step_s")]

@@ -189,3 +189,34 @@ def test_plan_steps_from_epochs_or_max_steps():
     assert plan_steps(dataclasses.replace(config, max_steps=5), 100) == (12, 5, 1)
     with pytest.raises(DataError, match="fewer than one global batch"):
         plan_steps(config, 7)
+
+
+def test_cuda_arch_list_is_made_parseable_for_deepspeeds_jit_build(monkeypatch):
+    """Hopper images set TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19's JIT builder cannot parse
+    it and the first GPU run dies building fused Adam (seen on an H200). The trainer hands
+    DeepSpeed a list it parses, keeping +PTX and dropping duplicates."""
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
+    from train.engine import deepspeed_arch_list
+
+    class Probe(CUDAOpBuilder):
+        NAME = "probe"
+
+        def __init__(self):
+            super().__init__(name=self.NAME)
+
+        def sources(self):
+            return []
+
+        def absolute_name(self):
+            return self.NAME
+
+    probe = Probe()
+    probe.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a+PTX")
+    with pytest.raises(ValueError, match="0a"):
+        probe.compute_capability_args()
+    assert deepspeed_arch_list("8.0 9.0a+PTX") == "8.0;9.0+PTX"
+    assert deepspeed_arch_list("9.0;9.0a") == "9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", deepspeed_arch_list("8.0 9.0a+PTX"))
+    probe.compute_capability_args()  # parses

@@ -43,6 +43,25 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 LATEST = "latest"  # DeepSpeed's file naming the newest complete checkpoint tag
 
 
+def deepspeed_arch_list(arch_list: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed 0.19's JIT builder can parse it.
+
+    Its ``compute_capability_args`` reads every entry as ``int.int[+PTX]``, so an
+    architecture-specific entry such as Hopper's ``9.0a`` (set by many CUDA images)
+    stops the build of its fused Adam with ``invalid literal for int(): '0a'`` (seen on
+    an H200 with torch 2.11 + CUDA 13). Its kernels need no ``a`` features: ``9.0a``
+    becomes ``9.0``; other entries are kept."""
+    entries = [entry for entry in arch_list.replace(" ", ";").split(";") if entry]
+    kept = []
+    for entry in entries:
+        number, ptx, _ = entry.partition("+PTX")
+        number = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        fixed = number + (ptx or "")
+        if fixed not in kept:
+            kept.append(fixed)
+    return ";".join(kept)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -59,6 +78,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if ON_GPU:
         torch.cuda.set_device(local_rank)
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # read by DeepSpeed's JIT build of fused Adam
+            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device

@@ -84,9 +84,13 @@ def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[
     return stats[:len(_SUMS)], stats[len(_SUMS):]
 
 
-def _global_stats(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[dict, dict]:
+def _global_stats(sums: torch.Tensor, extremes: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
+    """All-reduce the step's host-side stats. NCCL reduces only device tensors, so they go
+    to ``device`` and back (two small copies per step; a no-op on CPU with gloo)."""
+    sums, extremes = sums.to(device), extremes.to(device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    sums, extremes = sums.cpu(), extremes.cpu()
     return dict(zip(_SUMS, sums.tolist(), strict=True)), dict(zip(_EXTREMES, extremes.tolist(), strict=True))
 
 
@@ -151,7 +155,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
             if slot < len(micros) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; only the window's last one updates
         sums[_SUMS.index("stop")] = float(run.stop_requested())
-        total, extreme = _global_stats(sums, extremes)
+        total, extreme = _global_stats(sums, extremes, run.device)
         agreement = agreement_with_reference(total, extreme)
         if step == 1:
             if run.rank == 0:
