@@ -269,3 +269,15 @@ def test_plan_steps_from_epochs_or_max_steps():
     assert plan_steps(dataclasses.replace(config, max_steps=5), 100) == (12, 5, 1)
     with pytest.raises(DataError, match="fewer than one global batch"):
         plan_steps(config, 7)
+
+
+def test_resume_refuses_another_zero_stage_and_zero2_on_another_world_size():
+    from minorsft_core.config import ConfigError
+    from train.run import _check_resumable_layout
+
+    zero3_on_2 = {"tag": "step-00000004", "zero_stage": 3, "world_size": 2}
+    _check_resumable_layout(zero3_on_2, 3, 1)  # converted to the universal format
+    with pytest.raises(ConfigError, match="written with ZeRO-3, this run uses ZeRO-2"):
+        _check_resumable_layout(zero3_on_2, 2, 2)
+    with pytest.raises(ConfigError, match="only ZeRO-3 checkpoints resume on another number of ranks"):
+        _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 2, 4)
