@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import REPO, train_command
+from train_fixtures import REPO, train_command, train_env
 
 from minorsft_core.cli import EXIT_PREEMPTED
 from train.metrics import METRIC_KEYS, read_metrics
@@ -42,12 +42,6 @@ def _args(data, policy, output):
             "--drift-tolerance", 100, "--coef-tolerance", 1]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 class _Job:
     """`minorsft train` in its own process group (killed as a whole whatever happens to
     the test), its stderr in a file (a pipe nobody reads could fill and block it)."""
@@ -55,7 +49,7 @@ class _Job:
     def __init__(self, args, ranks: int, log: Path):
         self.log = log
         with open(log, "w") as handle:
-            self.process = subprocess.Popen(train_command(*args, ranks=ranks), cwd=REPO, env=_env(), stdout=handle,
+            self.process = subprocess.Popen(train_command(*args, ranks=ranks), cwd=REPO, env=train_env(), stdout=handle,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self):

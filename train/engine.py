@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -206,6 +207,9 @@ def prepare_resume(root: Path, resume: dict | None, ds: dict) -> None:
         return
     target = root / checkpoints.universal_name(resume["tag"])
     if dist.get_rank() == 0 and not target.exists():
+        print(f"minorsft: {resume['tag']} was written by {resume['world_size']} ranks, this job has "
+              f"{dist.get_world_size()}: converting it to DeepSpeed's universal checkpoint format", file=sys.stderr,
+              flush=True)
         _convert_to_universal(root / resume["tag"], target)
     dist.barrier()
     ds.setdefault("checkpoint", {})["load_universal"] = True
