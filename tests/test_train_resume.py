@@ -193,13 +193,15 @@ def test_killed_anywhere_one_process_then_resumed_on_two_ranks(data, policy, uni
     _assert_same_run(uninterrupted, output, 1e-5)
 
 
-def test_two_rank_job_killed_inside_a_save_resumes_as_one_process(data, policy, uninterrupted, tmp_path):
+def test_two_rank_job_killed_inside_a_save_then_resumed_as_one_process(data, policy, uninterrupted, tmp_path):
     output, logs = tmp_path / "out", tmp_path
     args = _args(data, policy, output)
     held = _kill_inside_a_save(args, output, logs, ranks=2, held_rank=1)
+    assert _committed(output)["tag"] < held  # rank 0 had written all of its part; still not committed
+    _sigterm_after_a_step(args, output, logs, ranks=2)  # the same torchrun command resumes, then stops
+    assert _committed(output)["tag"] >= held or not (output / "checkpoints" / held).exists()  # cleaned up
     written_by = _committed(output)
-    assert written_by["tag"] < held  # rank 0 had written all of its part; still not committed
-    assert written_by["world_size"] == 2
+    assert written_by["world_size"] == 2 and written_by["step"] < STEPS
     resumed = _run_to_the_end(args, logs, ranks=1)  # `minorsft train` without a launcher
     assert f"resuming at step {written_by['step']}" in resumed and "1 ranks x 2 accumulation" in resumed
     _assert_same_run(uninterrupted, output, 1e-5)
