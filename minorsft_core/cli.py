@@ -78,6 +78,8 @@ def _config_command(config_cls, runner_path: str, doc: str):
         runner = getattr(__import__(module_name, fromlist=[func_name]), func_name)
         try:
             code = runner(config)
+        except ConfigError as err:  # e.g. options that may not change on resume
+            _fail(EXIT_USAGE, str(err))
         except (DataError, ContractError, FileNotFoundError) as err:
             _fail(EXIT_BAD_INPUT, str(err))
         except OSError as err:

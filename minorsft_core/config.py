@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from minorsft_core.atomic import write_text_atomic
+
 
 class ConfigError(ValueError):
     pass
@@ -212,4 +214,4 @@ def load_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dict
 
 def save_config(config, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

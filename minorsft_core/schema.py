@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from minorsft_core.atomic import replacing
+
 SCHEMA_VERSION = 1
 METADATA_KEY = b"minorsft"
 
@@ -155,21 +157,8 @@ def write_shard(path: str | os.PathLike, table: pa.Table, metadata: ShardMetadat
     table = table.select(schema.names).cast(schema)
     table = table.replace_schema_metadata({METADATA_KEY: metadata.to_json()})
     validate_table(table, str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read_shard_metadata(path: str | os.PathLike) -> ShardMetadata:

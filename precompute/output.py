@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from minorsft_core import schema
+from minorsft_core.atomic import write_text_atomic
 from minorsft_core.data import Reject, Sample
 from precompute.engines import Scores
 
@@ -38,7 +39,7 @@ def write_chunk(output_dir: Path, metadata: schema.ShardMetadata, table: pa.Tabl
     """Rejects, then the shard (the commit marker). Every chunk gets a shard, empty if
     every row was rejected, so completeness is one shard per chunk."""
     lines = "".join(r.to_json() + "\n" for r in sorted(rejects, key=lambda r: r.row))
-    schema.write_text_atomic(schema.rejects_path(output_dir, metadata.chunk_index), lines)
+    write_text_atomic(schema.rejects_path(output_dir, metadata.chunk_index), lines)
     schema.write_shard(schema.shard_path(output_dir, metadata.chunk_index), table, metadata)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minorsft_core import schema
+from minorsft_core.atomic import write_text_atomic
 from minorsft_core.cli import EXIT_ENGINE, EXIT_OK
 from minorsft_core.config import PrecomputeConfig, save_config
 from minorsft_core.data import DataError, Reject, Sample, SampleRenderer, detect_input_format
@@ -169,7 +170,7 @@ def main(config: PrecomputeConfig) -> int:
         "dtype": dtype,
         "model": run.reference_model,
     }
-    schema.write_text_atomic(out / f"summary-w{config.worker_index}.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / f"summary-w{config.worker_index}.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     if config.num_workers == 1 and totals.rows_scored == 0:
         raise DataError(f"{config.data}: every row was rejected; see {out}/rejects-*.jsonl for the reasons")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from minorsft_core import schema
+from minorsft_core.atomic import write_text_atomic
 from minorsft_core.schema import ContractError, ShardMetadata
 
 
@@ -48,7 +49,7 @@ def _write_chunk(directory, chunk_index, n_scored, n_rejected, **meta):
     schema.write_shard(schema.shard_path(directory, chunk_index), pa.table(_rows(n_scored, 10 * chunk_index)), metadata)
     if n_rejected:
         lines = [json.dumps({"row": 0, "reason": "too_long"})] * n_rejected
-        schema.write_text_atomic(schema.rejects_path(directory, chunk_index), "\n".join(lines) + "\n")
+        write_text_atomic(schema.rejects_path(directory, chunk_index), "\n".join(lines) + "\n")
 
 
 def _complete_dir(tmp_path):

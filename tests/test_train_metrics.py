@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -41,3 +42,17 @@ def test_missing_sink_is_a_warning_not_a_failure(tmp_path, capsys, monkeypatch):
     log.close()
     assert "--wandb given but wandb is not installed" in capsys.readouterr().err
     assert read_metrics(tmp_path / "metrics.jsonl") == [_metrics(1)]
+
+
+def test_resume_replaces_the_log_and_ignores_a_line_cut_short_by_a_kill(tmp_path):
+    """A run killed while appending step 4 left half a line; it resumes from step 2."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(_metrics(s)) + "\n" for s in (1, 2, 3)) + json.dumps(_metrics(4))[:20])
+    before = tmp_path / "before.jsonl"
+    before.hardlink_to(path)
+    log = MetricsLog(tmp_path, enabled=True, total_steps=4, resume_step=2, config=_config())
+    log.close()
+    assert read_metrics(path) == [_metrics(1), _metrics(2)]
+    # Renamed over, never truncated in place: a kill during the rewrite keeps the old log.
+    assert before.read_text().startswith(json.dumps(_metrics(1)))
+    assert len(read_metrics(before)) == 3

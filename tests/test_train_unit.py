@@ -15,8 +15,8 @@ from train_fixtures import write_stage_one_output
 from typer.testing import CliRunner
 
 from minorsft_core import losses, schema
-from minorsft_core.cli import EXIT_BAD_INPUT, app
-from minorsft_core.config import TrainConfig, save_config
+from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_USAGE, app
+from minorsft_core.config import TrainConfig
 from train.data import Layout, epoch_batches, padding_fraction, split_global_batch
 from train.loop import compute_loss, normalizer
 
@@ -173,11 +173,91 @@ def test_guard_tokenizer_mismatch(stage_one, tiny_model_dir, tmp_path):
     _refused(_train_cli(stage_one, policy, tmp_path / "out"), "tokenizer", "re-run `minorsft precompute`")
 
 
-def test_guard_changed_config_on_resume(stage_one, tiny_model_dir, tmp_path):
+def _committed_checkpoint(output, config, scanned, step=3):
+    """``output`` as a run that committed a checkpoint at ``step`` (its record only)."""
+    from train import checkpoints
+    from train.run import resume_record
+
+    root = output / "checkpoints"
+    (root / checkpoints.tag_name(step)).mkdir(parents=True)
+    checkpoints.commit(root, checkpoints.tag_name(step),
+                       {**resume_record(config, scanned), "step": step, "world_size": 2, "zero_stage": 3})
+
+
+def _saved_config(data, model, output, **changes):
+    return dataclasses.replace(TrainConfig(data=str(data), model=str(model), output=str(output), global_batch_size=2),
+                               **changes)
+
+
+def test_resume_refuses_a_change_of_what_is_trained(stage_one, tiny_model_dir, tmp_path):
+    from train.stage_one import scan_stage_one
+
     output = tmp_path / "out"
-    saved = TrainConfig(data=str(stage_one), model=str(tiny_model_dir), output=str(output), global_batch_size=2)
-    save_config(dataclasses.replace(saved, lr=1e-3), output / "config.yaml")
-    _refused(_train_cli(stage_one, tiny_model_dir, output), "different config", "lr")
+    _committed_checkpoint(output, _saved_config(stage_one, tiny_model_dir, output, lr=1e-3), scan_stage_one(stage_one))
+    result = _train_cli(stage_one, tiny_model_dir, output)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "lr: 0.001 != 2e-05" in result.output and "use a new --output" in result.output
+    assert json.loads((output / "summary.json").read_text())["exit_code"] == EXIT_USAGE
+
+
+def test_resume_allows_changes_of_how_it_is_trained(stage_one, tiny_model_dir, tmp_path):
+    """What the docs tell a user to change after an OOM or a parity stop, and the world
+    size (not a field), may change on resume."""
+    from train.run import check_resume
+    from train.stage_one import scan_stage_one
+
+    output, scanned = tmp_path / "out", scan_stage_one(stage_one)
+    _committed_checkpoint(output, _saved_config(stage_one, tiny_model_dir, output), scanned)
+    check_resume(_saved_config(stage_one, tiny_model_dir, output, micro_batch_size=2, gradient_checkpointing=True,
+                               drift_tolerance=0.5, coef_tolerance=1.0, save_steps=7, save_total_limit=5,
+                               logp_head="logits", attn_implementation="eager", tensorboard=True), scanned)
+
+
+def test_resume_refuses_regenerated_shards(stage_one, tiny_model_dir, tmp_path):
+    from train.stage_one import scan_stage_one
+
+    data, output = _copy(stage_one, tmp_path / "data"), tmp_path / "out"
+    _committed_checkpoint(output, _saved_config(data, tiny_model_dir, output), scan_stage_one(data))
+    # Stage one run again into the same directory, scoring with another reference.
+    write_stage_one_output(tiny_model_dir, make_records(10), data, chunk_rows=6, rejected_rows=2,
+                           reference_fingerprint="another-reference")
+    result = _train_cli(data, tiny_model_dir, output)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "re-generated since" in result.output and "reference_fingerprint" in result.output
+
+
+def test_failure_summary_replaces_the_file_atomically(tmp_path):
+    """Written to a new file renamed over the old one, never truncated in place: a kill
+    mid-write leaves the previous summary whole (the old inode keeps its content)."""
+    from train.run import _record_failure
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"status": "preempted", "exit_code": 143}))
+    before = tmp_path / "before.json"
+    before.hardlink_to(summary)
+    _record_failure(_saved_config("d", "m", tmp_path), EXIT_BAD_INPUT, ValueError("bad"))
+    assert json.loads(summary.read_text())["status"] == "failed"
+    assert json.loads(before.read_text())["status"] == "preempted"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_only_the_committed_checkpoint_is_loaded_and_leftovers_are_removed(tmp_path):
+    from train import checkpoints
+
+    root = tmp_path / "checkpoints"
+    assert checkpoints.committed(root) is None
+    for step in (1, 2, 3):
+        (root / checkpoints.tag_name(step)).mkdir(parents=True)
+        checkpoints.commit(root, checkpoints.tag_name(step), {"step": step})
+        checkpoints.rotate(root, keep=2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000003"]
+    # A save killed before its commit: files of step 4, a half-written `latest`.
+    (root / "step-00000004").mkdir()
+    (root / "step-00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (root / ".latest.tmp-123").write_text("step-00000004")
+    assert checkpoints.committed(root) == {"step": 3, "tag": "step-00000003"}
+    checkpoints.remove_uncommitted(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
 
 
 def test_plan_steps_from_epochs_or_max_steps():
@@ -220,3 +300,15 @@ def test_cuda_arch_list_is_made_parseable_for_deepspeeds_jit_build(monkeypatch):
     assert deepspeed_arch_list("9.0;9.0a") == "9.0"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", deepspeed_arch_list("8.0 9.0a+PTX"))
     probe.compute_capability_args()  # parses
+
+
+def test_resume_refuses_another_zero_stage_and_zero2_on_another_world_size():
+    from minorsft_core.config import ConfigError
+    from train.run import _check_resumable_layout
+
+    zero3_on_2 = {"tag": "step-00000004", "zero_stage": 3, "world_size": 2}
+    _check_resumable_layout(zero3_on_2, 3, 1)  # converted to the universal format
+    with pytest.raises(ConfigError, match="written with ZeRO-3, this run uses ZeRO-2"):
+        _check_resumable_layout(zero3_on_2, 2, 2)
+    with pytest.raises(ConfigError, match="only ZeRO-3 checkpoints resume on another number of ranks"):
+        _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 2, 4)

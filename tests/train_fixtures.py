@@ -101,11 +101,14 @@ def train_command(*args, ranks: int = 1) -> list[str]:
     return [torchrun, "--standalone", f"--nproc_per_node={ranks}", minorsft, "train", *map(str, args)]
 
 
-def run_train(*args, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def train_env() -> dict[str, str]:
     # A test process that ran a trainer in-process (the TRL tests) holds RANK/MASTER_PORT
     # of its own group: a child inheriting them would join, or collide on, that port.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(train_command(*args, ranks=ranks), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_train(*args, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(*args, ranks=ranks), cwd=REPO, env=train_env(), capture_output=True,
+                          text=True, timeout=timeout)

@@ -10,8 +10,9 @@ imports it.
   ``HfDeepSpeedConfig`` must exist before ``from_pretrained`` so no rank ever holds
   the whole model), wrapped in ``AnswerLogps`` (the engine's forward returns the
   ``[B]`` answer log-probs), then ``deepspeed.initialize``.
-- checkpoints (DeepSpeed's, plus per-rank RNG state) and the final HF directory
-  gathered from the partitions.
+- checkpoints (DeepSpeed's, plus per-rank RNG state), committed atomically (see
+  ``train.checkpoints``) and resumable on another world size through DeepSpeed's
+  universal format; the final HF directory gathered from the partitions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,12 +37,12 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
+from train import checkpoints  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
 # micro-step would drown the progress bar and the real warnings.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-LATEST = "latest"  # DeepSpeed's file naming the newest complete checkpoint tag
 
 
 def deepspeed_arch_list(arch_list: str) -> str:
@@ -196,36 +198,78 @@ def _rng_path(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"rng-rank{rank:05d}.pt"
 
 
-def save_checkpoint(engine, root: Path, step: int, keep: int) -> None:
-    """A collective: every rank writes its ZeRO partition, optimizer and RNG state.
-
-    DeepSpeed updates ``root/latest`` only after the tag is written, so a kill during
-    the save leaves the previous checkpoint in charge. Then the oldest tags beyond
-    ``keep`` are removed.
+def save_checkpoint(engine, root: Path, step: int, keep: int, record: dict) -> None:
+    """A collective: every rank writes its ZeRO partition, optimizer and RNG state under
+    ``root/step-N``; after a barrier (every rank's files exist) rank 0 commits the tag
+    (``train.checkpoints.commit``: its record, then ``latest`` replaced atomically) and
+    removes the tags beyond ``keep``. A kill at any instant before the commit leaves
+    the previous checkpoint in charge; ``record`` is stored with the tag.
     """
-    tag = f"step-{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    tag = checkpoints.tag_name(step)
+    # DeepSpeed's own `latest` would be written by rank 0 as soon as *its* files are
+    # written, while other ranks may still be writing theirs.
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if ON_GPU else None}
     torch.save(rng, _rng_path(root / tag, dist.get_rank()))
     dist.barrier()
     if dist.get_rank() == 0:
-        tags = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoints.commit(root, tag, {**record, "step": step, "world_size": dist.get_world_size(),
+                                       "zero_stage": engine.zero_optimization_stage()})
+        checkpoints.rotate(root, keep)
     dist.barrier()
 
 
-def load_checkpoint(engine, root: Path) -> int:
-    """Restore the newest checkpoint under ``root``; return its step (0: none, fresh start)."""
-    if not (root / LATEST).exists():
+def prepare_resume(root: Path, resume: dict | None, ds: dict) -> None:
+    """Before the engine exists: when the committed checkpoint was written by another
+    number of ranks, convert it once (rank 0) to DeepSpeed's universal format, whose
+    per-parameter fp32 weights and Adam moments any world size re-partitions, and have
+    the engine load that (``checkpoint.load_universal``). A collective."""
+    if resume is None or resume["world_size"] == dist.get_world_size():
+        return
+    target = root / checkpoints.universal_name(resume["tag"])
+    if dist.get_rank() == 0 and not target.exists():
+        print(f"minorsft: {resume['tag']} was written by {resume['world_size']} ranks, this job has "
+              f"{dist.get_world_size()}: converting it to DeepSpeed's universal checkpoint format", file=sys.stderr,
+              flush=True)
+        _convert_to_universal(root / resume["tag"], target)
+    dist.barrier()
+    ds.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def _convert_to_universal(source: Path, target: Path) -> None:
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial = target.with_name(f".{target.name}.tmp")  # a kill mid-way leaves only this, removed later
+    shutil.rmtree(partial, ignore_errors=True)
+    # One worker each: no process pools inside a rank of a distributed job.
+    ds_to_universal.main(Namespace(input_folder=str(source), output_folder=str(partial), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=False))
+    (target.parent / "latest_universal").unlink(missing_ok=True)  # we load by tag; `latest` stays ours
+    os.replace(partial, target)
+
+
+def load_checkpoint(engine, root: Path, resume: dict | None) -> int:
+    """Restore the committed checkpoint ``resume`` (see ``train.checkpoints.committed``);
+    return its step (0: none, fresh start). On another world size rank r takes the RNG
+    state of the saved rank r mod W (it only drives dropout)."""
+    if resume is None:
         return 0
-    path, client_state = engine.load_checkpoint(str(root))
+    tag = resume["tag"]
+    universal = engine.load_universal_checkpoint()
+    path, client_state = engine.load_checkpoint(
+        str(root), tag=checkpoints.universal_name(tag) if universal else tag)
     if path is None:
-        raise RuntimeError(f"{root}: could not load the checkpoint named by {root / LATEST}")
-    tag = (root / LATEST).read_text().strip()
-    rng = torch.load(_rng_path(root / tag, dist.get_rank()), weights_only=False)
+        raise RuntimeError(f"{root}: could not load the committed checkpoint {tag}")
+    if universal:
+        dist.barrier()
+        if dist.get_rank() == 0:  # loaded; the next commit supersedes it (a kill before that converts again)
+            shutil.rmtree(root / checkpoints.universal_name(tag))
+    rng = torch.load(_rng_path(root / tag, dist.get_rank() % resume["world_size"]), weights_only=False)
     torch.set_rng_state(rng["torch"])
-    if ON_GPU and rng["cuda"] is not None:
+    if ON_GPU and rng["cuda"] is not None and resume["world_size"] == dist.get_world_size():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(client_state["step"])
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from minorsft_core.atomic import write_text_atomic
+
 # External checks read these keys; every line has exactly them.
 METRIC_KEYS = (
     "step", "loss", "deviation", "abs_deviation", "abs_deviation_max", "coef_mean", "coef_min", "coef_max", "policy_logp_per_token",
@@ -15,10 +17,14 @@ METRIC_KEYS = (
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The logged steps. Every complete line ends with a newline: a last line without one
+    is a write cut short by a kill (never a step that was checkpointed: a step's line is
+    flushed before its checkpoint is taken), so it is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class MetricsLog:
@@ -32,7 +38,8 @@ class MetricsLog:
         if not enabled:
             return
         kept = [m for m in read_metrics(self.path) if m["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        # Replaced, never truncated in place: a kill during the rewrite keeps the old log.
+        write_text_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         self._file = open(self.path, "a")
         from tqdm import tqdm
 

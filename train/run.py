@@ -7,7 +7,6 @@ accelerator work, so a bad job fails in seconds, not after loading a 70B model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,10 +16,17 @@ import time
 import traceback
 from pathlib import Path
 
-import yaml
-
-from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_ENGINE, EXIT_IO, EXIT_OK, EXIT_PREEMPTED
-from minorsft_core.config import TrainConfig, save_config
+from minorsft_core.atomic import write_text_atomic
+from minorsft_core.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DRIFT,
+    EXIT_ENGINE,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+)
+from minorsft_core.config import ConfigError, TrainConfig, save_config
 from minorsft_core.data import DataError
 from minorsft_core.schema import (
     ANSWER_LEN,
@@ -29,10 +35,17 @@ from minorsft_core.schema import (
     describe_differences,
     model_fingerprint,
 )
+from train import checkpoints
 from train.stage_one import check_tokenizer, scan_stage_one
 
-# Fields that may change between a run and its resume without changing what is trained.
-_OPERATIONAL_FIELDS = {"save_steps", "save_total_limit", "tensorboard", "wandb", "output"}
+# What is trained: a resume that changed any of these would continue another run's
+# optimizer state on other math or other data. Every other field (micro-batch size,
+# gradient checkpointing, guard tolerances, kernels, ZeRO offload JSON, logging and
+# saving) changes how, not what, and may differ on resume, as may the world size. The
+# ZeRO stage decides the checkpoint's layout: checked against the checkpoint itself.
+RESUME_FIXED_FIELDS = ("data", "model", "loss", "beta", "token_normalize", "lr", "weight_decay", "adam_beta1",
+                       "adam_beta2", "max_grad_norm", "global_batch_size", "epochs", "max_steps", "warmup_ratio",
+                       "seed", "dtype", "reference")
 
 
 def _say(message: str) -> None:
@@ -63,22 +76,36 @@ def check_inputs(config: TrainConfig):
                 "missing here or its weights changed since (fingerprint differs). Make it available "
                 "unchanged, or train with the precomputed reference."
             )
-    check_resume_config(config)
+    check_resume(config, scanned)
     return scanned, tokenizer
 
 
-def check_resume_config(config: TrainConfig) -> None:
-    saved_path = Path(config.output) / "config.yaml"
-    if not saved_path.exists():
+def resume_record(config: TrainConfig, scanned: ScannedOutput) -> dict:
+    """What a checkpoint stores of its run, for ``check_resume``."""
+    return {"config": {name: getattr(config, name) for name in RESUME_FIXED_FIELDS},
+            "shards": scanned.metadata.run_fields()}
+
+
+def check_resume(config: TrainConfig, scanned: ScannedOutput) -> None:
+    """Refuse to continue the committed checkpoint in ``--output`` with other math or
+    other data: a changed field of ``RESUME_FIXED_FIELDS``, or stage-one shards
+    re-generated since (their run metadata: data and reference fingerprints,
+    tokenizer, template, engine, ...). Nothing committed: nothing to mix."""
+    resume = checkpoints.committed(Path(config.output) / "checkpoints")
+    if resume is None:
         return
-    saved = {k: v for k, v in yaml.safe_load(saved_path.read_text()).items() if k not in _OPERATIONAL_FIELDS}
-    current = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OPERATIONAL_FIELDS}
-    diff = describe_differences(saved, current)
+    now = resume_record(config, scanned)
+    fresh = (f"To resume, re-run with what it was started with; to start fresh instead, use a new --output "
+             f"(or delete {config.output}).")
+    diff = describe_differences(resume["config"], now["config"])
     if diff:
-        raise ContractError(
-            f"{config.output} holds a run with a different config (saved != now):\n{diff}\n"
-            "Resuming would mix two runs. Re-run with the saved options, or use a new --output."
-        )
+        raise ConfigError(f"{config.output} holds a run at step {resume['step']} trained with other values "
+                          f"(checkpoint != now):\n{diff}\nThese change what is trained. {fresh}")
+    diff = describe_differences(resume["shards"], now["shards"])
+    if diff:
+        raise ConfigError(f"{config.data}: the stage-one shards differ from those the run in {config.output} was "
+                          f"trained on up to step {resume['step']} (re-generated since; checkpoint != now):\n{diff}\n"
+                          f"Resuming would mix two data sets. Restore the shards it used. {fresh}")
 
 
 def plan_steps(config: TrainConfig, num_rows: int) -> tuple[int, int, int]:
@@ -109,6 +136,9 @@ class _StopFlag:
 def main(config: TrainConfig) -> int:
     try:
         scanned, tokenizer = check_inputs(config)
+    except ConfigError as err:
+        _record_failure(config, EXIT_USAGE, err)
+        raise
     except (ContractError, DataError, FileNotFoundError) as err:
         _record_failure(config, EXIT_BAD_INPUT, err)
         raise
@@ -123,6 +153,9 @@ def main(config: TrainConfig) -> int:
         return EXIT_OK
     try:
         return _train(config, scanned, tokenizer)
+    except ConfigError as err:
+        _record_failure(config, EXIT_USAGE, err)
+        raise
     except (ContractError, DataError, FileNotFoundError) as err:
         _record_failure(config, EXIT_BAD_INPUT, err)
         raise
@@ -145,10 +178,15 @@ def _record_failure(config: TrainConfig, exit_code: int, err: BaseException) -> 
         return
     try:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"status": "failed", "exit_code": exit_code, "reason": str(err)}, indent=2)
-                           + "\n")
+        _write_summary(summary, {"status": "failed", "exit_code": exit_code, "reason": str(err)})
     except OSError:
         pass  # the output directory itself is unusable; the error above already says why
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    # Replaced atomically: a batch script reading it, or a kill while it is written,
+    # never meets a truncated file.
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
@@ -164,24 +202,28 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     stop = _StopFlag()
     rank, world, device = ds.init_distributed()
     layout = Layout(config.global_batch_size, config.micro_batch_size, world)
+    checkpoint_root = output / "checkpoints"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
+        checkpoints.remove_uncommitted(checkpoint_root, config.save_total_limit)  # what a kill left behind
         open_shards(scanned, output / "data-cache")  # build the Arrow cache once, before the others read it
     dist.barrier()
+    resume = checkpoints.committed(checkpoint_root)
     dataset = open_shards(scanned, output / "data-cache")
     lengths = sequence_lengths(dataset)
     answer_len = dataset.data.column(ANSWER_LEN).to_numpy()
     steps_per_epoch, total_steps, warmup_steps = plan_steps(config, len(lengths))
     dtype = ds.resolve_dtype(config.dtype)
     ds_config = ds.ds_config(config, micro=layout.micro, accumulation=layout.accumulation, dtype=dtype)
+    _check_resumable_layout(resume, ds_config["zero_optimization"]["stage"], world)
+    ds.prepare_resume(checkpoint_root, resume, ds_config)
     engine = ds.load_policy(config, ds_config, dtype, total_steps=total_steps, warmup_steps=warmup_steps)
     score_reference = None
     if config.reference == "online":
         score_reference = _online_reference(ds.load_reference(
             scanned.metadata.reference_model, ds.reference_ds_config(ds_config), config, dtype))
-    checkpoints = output / "checkpoints"
-    start_step = ds.load_checkpoint(engine, checkpoints)
+    start_step = ds.load_checkpoint(engine, checkpoint_root, resume)
     if rank == 0:
         _say(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {len(lengths)} samples, "
              f"{total_steps} steps of {layout.global_batch} = {world} ranks x {layout.accumulation} accumulation "
@@ -192,7 +234,8 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
         rank=rank, device=device, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         score_reference=score_reference,
-        save=lambda step: ds.save_checkpoint(engine, checkpoints, step, config.save_total_limit),
+        save=lambda step: ds.save_checkpoint(engine, checkpoint_root, step, config.save_total_limit,
+                                             resume_record(config, scanned)),
         stop_requested=stop,
     )
     try:
@@ -211,7 +254,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
         "peak_memory_mib": _peak_memory_mib(),
     }
     if rank == 0:
-        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_summary(output / "summary.json", summary)
     dist.barrier()
     dist.destroy_process_group()
     if status == DRIFTED:
@@ -220,12 +263,27 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
         return EXIT_DRIFT
     if status == PREEMPTED:
         if rank == 0:
-            _say(f"stopped by signal {stop.signal} after step {last_step}, checkpointed under {checkpoints}; "
+            _say(f"stopped by signal {stop.signal} after step {last_step}, checkpointed under {checkpoint_root}; "
                  "re-run the same command to resume")
         return EXIT_PREEMPTED
     if rank == 0:
         _say(f"done: {output / 'final'}")
     return EXIT_OK
+
+
+def _check_resumable_layout(resume: dict | None, zero_stage: int, world: int) -> None:
+    """The checkpoint's ZeRO stage must be this run's (a ``--deepspeed`` JSON may set it),
+    and only ZeRO-3 checkpoints are converted for another world size here."""
+    if resume is None:
+        return
+    if resume["zero_stage"] != zero_stage:
+        raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written with ZeRO-{resume['zero_stage']}, "
+                          f"this run uses ZeRO-{zero_stage}; resume with ZeRO-{resume['zero_stage']} "
+                          "(--zero-stage / --deepspeed), or start fresh with a new --output")
+    if resume["world_size"] != world and zero_stage != 3:
+        raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written by {resume['world_size']} ranks "
+                          f"with ZeRO-{zero_stage}, this run has {world}: only ZeRO-3 checkpoints resume on another "
+                          f"number of ranks. Resume on {resume['world_size']} ranks, or start fresh with a new --output")
 
 
 def _peak_memory_mib() -> float:
