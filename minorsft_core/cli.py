@@ -1,6 +1,7 @@
 """The ``minorsft`` command. Stage commands take their options from the stage's config
 dataclass (one source of truth for names, defaults and help), import their stage
-lazily, and map failures to exit codes a batch system can act on."""
+lazily, and are the one place that maps the stages' typed errors
+(``minorsft_core.errors``) to exit codes a batch system can act on."""
 
 from __future__ import annotations
 
@@ -11,18 +12,17 @@ from typing import Annotated
 
 import typer
 
-from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, load_config
-from minorsft_core.data import DataError
-from minorsft_core.schema import ContractError
-
-# Exit codes (documented in the README): retrying as is helps only with EXIT_ENGINE / EXIT_PREEMPTED.
-EXIT_OK = 0
-EXIT_USAGE = 2  # bad option or config value
-EXIT_BAD_INPUT = 3  # input data, model directory or stage-one output unusable as given
-EXIT_ENGINE = 4  # the engine or trainer failed at run time
-EXIT_DRIFT = 5  # stage two: step-one deviation over --drift-tolerance
-EXIT_IO = 6  # file-system error (disk full, permissions, a file where a directory belongs)
-EXIT_PREEMPTED = 143  # stage two: checkpointed on SIGTERM/SIGINT; re-run to resume
+from minorsft_core.config import PrecomputeConfig, TrainConfig, load_config
+from minorsft_core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENGINE,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    MinorSFTError,
+    exit_code_for,
+)
 
 app = typer.Typer(
     help="MinorSFT fine-tuning (arXiv 2408.10642): precompute reference log-probs, then train.",
@@ -78,10 +78,11 @@ def _config_command(config_cls, runner_path: str, doc: str):
         runner = getattr(__import__(module_name, fromlist=[func_name]), func_name)
         try:
             code = runner(config)
-        except (DataError, ContractError, FileNotFoundError) as err:
-            _fail(EXIT_BAD_INPUT, str(err))
-        except OSError as err:
-            _fail(EXIT_IO, f"{err}. Fix the file system and re-run the same command: finished work is kept.")
+        except (MinorSFTError, OSError) as err:
+            code = exit_code_for(err)
+            hint = ". Fix the file system and re-run the same command: finished work is kept." \
+                if code == EXIT_IO else ""
+            _fail(code, f"{err}{hint}")
         raise typer.Exit(code or EXIT_OK)
 
     command.__signature__ = inspect.Signature(params)

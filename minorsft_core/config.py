@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from minorsft_core.errors import ConfigError
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,

@@ -25,13 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from minorsft_core.errors import DataError
+
 FORMATS = ("prompt_completion", "alpaca", "messages")
 TEMPLATES = ("chat", "none")
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """The input as a whole cannot be used; the message names the file and the fix."""
 
 
 # Reject reasons. Every input row ends up scored or rejected with one of these.

@@ -20,9 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minorsft_core import schema
-from minorsft_core.cli import EXIT_ENGINE, EXIT_OK
 from minorsft_core.config import PrecomputeConfig, save_config
-from minorsft_core.data import DataError, Reject, Sample, SampleRenderer, detect_input_format
+from minorsft_core.data import Reject, Sample, SampleRenderer, detect_input_format
+from minorsft_core.errors import EXIT_OK, DataError, EngineError, InputError
 from precompute import engines, output, plan
 
 log = logging.getLogger("minorsft.precompute")
@@ -105,8 +105,7 @@ def main(config: PrecomputeConfig) -> int:
     try:
         engine_version = engines.engine_version(engine_name)
     except ModuleNotFoundError as err:
-        log.error("%s", err)
-        return EXIT_ENGINE
+        raise EngineError(str(err)) from err
     dtype = engines.resolve_dtype(config.dtype)
     if engine_name == "hf" and config.tensor_parallel_size > 1:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
@@ -134,16 +133,16 @@ def main(config: PrecomputeConfig) -> int:
         try:
             engine = engines.make_engine(config, engine_name, dtype)
         except Exception as err:
-            log.exception("engine %s failed to start: %s", engine_name, err)
-            return EXIT_ENGINE
+            log.exception("engine %s failed to start", engine_name)
+            raise EngineError(f"engine {engine_name} failed to start: {err}") from err
         progress = Progress(sum(_chunk_rows(run, j) for j in todo), config.quiet)
         try:
             score_chunks(config, engine, renderer, run, todo, progress)
-        except (DataError, schema.ContractError, OSError):
+        except (InputError, OSError):
             raise  # bad input or a full disk: not the engine's fault
         except Exception as err:
-            log.exception("engine %s failed while scoring: %s", engine_name, err)
-            return EXIT_ENGINE
+            log.exception("engine %s failed while scoring", engine_name)
+            raise EngineError(f"engine {engine_name} failed while scoring: {err}") from err
         finally:
             progress.bar.close()
             engine.close()

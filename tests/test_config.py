@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, load_config, save_config
+from minorsft_core.config import PrecomputeConfig, TrainConfig, load_config, save_config
+from minorsft_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {
@@ -107,6 +108,24 @@ def test_import_is_cheap():
     with_losses = _modules_after("import minorsft_core.losses")
     assert not {"vllm", "deepspeed", "transformers"} & with_losses
     assert "torch.distributed" not in (REPO / "minorsft_core/losses.py").read_text()
+
+
+def test_stages_raise_typed_errors_and_never_import_the_command():
+    """Errors and exit codes live in the ground floor (minorsft_core.errors); the stages
+    stand on it and only the command maps errors to codes, so no stage imports the CLI."""
+    import ast
+
+    for path in sorted([*REPO.glob("precompute/*.py"), *REPO.glob("train/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "minorsft_core.cli", f"{path.relative_to(REPO)} imports the CLI"
+    from minorsft_core import errors
+
+    assert errors.exit_code_for(ConfigError("x")) == errors.EXIT_USAGE
+    assert errors.exit_code_for(errors.DataError("x")) == errors.exit_code_for(errors.ContractError("x")) == 3
+    assert errors.exit_code_for(FileNotFoundError("x")) == errors.EXIT_BAD_INPUT
+    assert errors.exit_code_for(PermissionError("x")) == errors.exit_code_for(OSError(28, "full")) == errors.EXIT_IO
+    assert errors.exit_code_for(RuntimeError("x")) == errors.EXIT_ENGINE
 
 
 def test_cli_help_and_usage_errors():

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from minorsft_core import data
-from minorsft_core.data import DataError, Reject, Sample, SampleRenderer
+from minorsft_core.data import Reject, Sample, SampleRenderer
+from minorsft_core.errors import DataError
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 

@@ -23,7 +23,7 @@ from conftest import make_records, write_jsonl
 from train_fixtures import write_stage_one_output
 
 from minorsft_core import schema
-from minorsft_core.cli import EXIT_BAD_INPUT
+from minorsft_core.errors import EXIT_BAD_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "scripts" / "cluster"

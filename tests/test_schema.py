@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from minorsft_core import schema
-from minorsft_core.schema import ContractError, ShardMetadata
+from minorsft_core.errors import ContractError
+from minorsft_core.schema import ShardMetadata
 
 
 def _metadata(**overrides) -> ShardMetadata:

@@ -23,8 +23,8 @@ import torch
 from conftest import STAGE_ONE_ROWS, make_records
 from train_fixtures import REPO, run_train, score, train_command, write_stage_one_output
 
-from minorsft_core.cli import EXIT_DRIFT, EXIT_PREEMPTED
 from minorsft_core.data import SampleRenderer
+from minorsft_core.errors import EXIT_DRIFT, EXIT_PREEMPTED
 from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID
 from train.metrics import METRIC_KEYS, read_metrics
 

@@ -15,8 +15,9 @@ from train_fixtures import write_stage_one_output
 from typer.testing import CliRunner
 
 from minorsft_core import losses, schema
-from minorsft_core.cli import EXIT_BAD_INPUT, app
+from minorsft_core.cli import app
 from minorsft_core.config import TrainConfig, save_config
+from minorsft_core.errors import EXIT_BAD_INPUT
 from train.data import Layout, epoch_batches, padding_fraction, split_global_batch
 from train.loop import compute_loss, normalizer
 
@@ -181,7 +182,7 @@ def test_guard_changed_config_on_resume(stage_one, tiny_model_dir, tmp_path):
 
 
 def test_plan_steps_from_epochs_or_max_steps():
-    from minorsft_core.data import DataError
+    from minorsft_core.errors import DataError
     from train.run import plan_steps
 
     config = TrainConfig(data="d", model="m", output="o", global_batch_size=8, epochs=1.5, warmup_ratio=0.1)

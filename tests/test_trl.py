@@ -11,8 +11,8 @@ import torch
 from conftest import STAGE_ONE_ROWS, make_texts
 from train_fixtures import perturbed_copy, run_train
 
-from minorsft_core.config import ConfigError
-from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID, ContractError
+from minorsft_core.errors import ConfigError, ContractError
+from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID
 from train.metrics import read_metrics
 from train.trl import DriftError, MinorSFTConfig, MinorSFTTrainer, load_shards
 

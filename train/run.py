@@ -19,16 +19,18 @@ from pathlib import Path
 
 import yaml
 
-from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_ENGINE, EXIT_IO, EXIT_OK, EXIT_PREEMPTED
 from minorsft_core.config import TrainConfig, save_config
-from minorsft_core.data import DataError
-from minorsft_core.schema import (
-    ANSWER_LEN,
+from minorsft_core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_DRIFT,
+    EXIT_ENGINE,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_PREEMPTED,
     ContractError,
-    ScannedOutput,
-    describe_differences,
-    model_fingerprint,
+    DataError,
 )
+from minorsft_core.schema import ANSWER_LEN, ScannedOutput, describe_differences, model_fingerprint
 from train.stage_one import check_tokenizer, scan_stage_one
 
 # Fields that may change between a run and its resume without changing what is trained.
