@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minorsft_core import schema
+from minorsft_core import model_dir, schema
 from minorsft_core.config import PrecomputeConfig, save_config
 from minorsft_core.data import Reject, Sample, SampleRenderer, detect_input_format
-from minorsft_core.errors import EXIT_OK, DataError, EngineError, InputError
+from minorsft_core.errors import EXIT_OK, ConfigError, DataError, EngineError, InputError
 from precompute import engines, output, plan
 
 log = logging.getLogger("minorsft.precompute")
@@ -60,20 +60,19 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def load_tokenizer(config: PrecomputeConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+DEFAULT_MAX_SEQ_LEN = 4096
 
 
-def check_context(config: PrecomputeConfig) -> None:
-    config_path = Path(config.model) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config.model}: no config.json; --model must be a Hugging Face model directory")
-    limit = json.loads(config_path.read_text()).get("max_position_embeddings")
+def resolve_max_seq_len(config: PrecomputeConfig) -> PrecomputeConfig:
+    """``config`` with ``--max-seq-len`` set: by default the smaller of 4096 and the
+    model's context; a larger explicit value is an option error (exit 2)."""
+    limit = model_dir.context_length(config.model)
+    if config.max_seq_len is None:
+        return dataclasses.replace(config, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, limit or DEFAULT_MAX_SEQ_LEN))
     if limit is not None and config.max_seq_len > limit:
-        raise DataError(f"--max-seq-len {config.max_seq_len} exceeds the model's context "
-                        f"(max_position_embeddings {limit}); lower it")
+        raise ConfigError(f"max_seq_len: {config.max_seq_len} exceeds the model's context ({limit} positions, "
+                          f"{config.model}/config.json); lower it or leave it out (default min(4096, context))")
+    return config
 
 
 def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: SampleRenderer,
@@ -111,8 +110,8 @@ def main(config: PrecomputeConfig) -> int:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
                     config.tensor_parallel_size)
 
-    check_context(config)
-    tokenizer = load_tokenizer(config)
+    config = resolve_max_seq_len(config)
+    tokenizer = model_dir.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data_format = detect_input_format(config.data) if config.format == "auto" else config.format
     renderer = SampleRenderer(tokenizer, data_format=data_format, template=config.template,
                               max_seq_len=config.max_seq_len, truncate_answer=config.truncate_answer)

@@ -34,6 +34,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
+from minorsft_core.config import DEFAULT_ZERO_STAGE  # noqa: E402
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -76,7 +77,10 @@ def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> d
     ``config`` so the two can never disagree."""
     base = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else {}
     zero = base.setdefault("zero_optimization", {})
-    zero.setdefault("stage", config.zero_stage)
+    if config.zero_stage is not None:  # train.run.resolve_options has checked it against the JSON's
+        zero["stage"] = config.zero_stage
+    elif zero.get("stage", "auto") == "auto":
+        zero["stage"] = DEFAULT_ZERO_STAGE
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     base.update(
