@@ -29,6 +29,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's tables cut long flag names at 80 columns
+    # ("--tensor-parallel-s…") and read "[default: x]" as markup and drop it.
+    rich_markup_mode=None,
 )
 
 _OPTION_TYPES = {"int": int | None, "float": float | None, "str": str | None, "bool": bool | None}
@@ -60,10 +63,18 @@ def _config_command(config_cls, runner_path: str, doc: str):
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
+        # Every option's default is shown: from the field, or in its help text where it
+        # is computed at run time (the field's default is then None).
         if f.type == "bool":
-            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+            shown = f" [default: {'on' if f.default else 'off'}]"
+            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text + shown, show_default=False)
         else:
-            shown = "" if f.default is None else f" [default: {f.default}]"
+            if f.metadata["required"]:
+                shown = " [required]"  # on the command line or in the --config YAML
+            elif f.default is None:
+                shown = "" if "[default:" in help_text else " [default: none]"
+            else:
+                shown = f" [default: {f.default}]"
             option = typer.Option(None, flag, help=help_text + shown, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=_OPTION_TYPES[f.type], default=option))

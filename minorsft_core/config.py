@@ -74,10 +74,13 @@ class PrecomputeConfig:
     worker_index: int = field(0, help="this job's index I in 0..K-1")
     tensor_parallel_size: int = field(1, help="vLLM tensor parallelism within this job")
     chunk_rows: int = field(1024, help="input rows per chunk (the unit of resume and of shard files)")
-    max_batch_tokens: int = field(16384, help="hf engine: padded tokens per forward batch")
+    max_batch_tokens: int = field(
+        None, help="tokens per forward step. hf: padded tokens per batch, at least --max-seq-len [default: 16384]; "
+                   "vllm: max_num_batched_tokens (longer prompts are scored in pieces) [default: as many as keep "
+                   "the prompt log-probs' fp32 [tokens, vocab] tensors under 1 GiB, at most 4096]")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
-        None, help="vLLM memory fraction (of host RAM on CPU builds); default 0.9 on GPU, 0.15 on CPU")
+        None, help="vLLM memory fraction (of host RAM on CPU builds) [default: 0.9 on GPU, 0.15 on CPU]")
     enforce_eager: bool = field(False, help="vLLM: no torch.compile / CUDA graphs; starts ~10 s sooner, "
                                             "scores slower (small jobs, tests)")
     store_token_logps: bool = field(False, help="also store per-token reference log-probs (ref_token_logps)")
@@ -90,9 +93,6 @@ class PrecomputeConfig:
         _positive(self, "max_seq_len", "num_workers", "tensor_parallel_size", "chunk_rows", "max_batch_tokens")
         if not 0 <= self.worker_index < self.num_workers:
             raise ConfigError(f"worker_index: {self.worker_index} not in 0..{self.num_workers - 1} (num_workers)")
-        if self.max_seq_len is not None and self.max_batch_tokens < self.max_seq_len:
-            raise ConfigError(f"max_batch_tokens: {self.max_batch_tokens} < max_seq_len {self.max_seq_len}; "
-                              "one sample must fit a batch")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -15,18 +15,27 @@ from minorsft_core.errors import InputError
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions")
 
 
-def context_length(model_dir: str | os.PathLike) -> int | None:
-    """The longest sequence the model's config allows (``max_position_embeddings``, also
-    under ``text_config`` as multimodal configs nest it), or None if it does not say."""
+def _config_value(model_dir: str | os.PathLike, keys: tuple[str, ...]) -> int | None:
+    """The first integer of ``keys`` in the model's config.json, also looked up under
+    ``text_config`` (where multimodal configs nest the language model's)."""
     config_path = Path(model_dir) / "config.json"
     if not config_path.exists():
         raise InputError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
     config = json.loads(config_path.read_text())
     for section in (config, config.get("text_config") or {}):
-        for key in _CONTEXT_KEYS:
+        for key in keys:
             if isinstance(section.get(key), int):
                 return section[key]
     return None
+
+
+def context_length(model_dir: str | os.PathLike) -> int | None:
+    """The longest sequence the model allows, or None if its config does not say."""
+    return _config_value(model_dir, _CONTEXT_KEYS)
+
+
+def vocab_size(model_dir: str | os.PathLike) -> int | None:
+    return _config_value(model_dir, ("vocab_size",))
 
 
 def load_tokenizer(model: str, *, trust_remote_code: bool):

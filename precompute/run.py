@@ -30,11 +30,13 @@ log = logging.getLogger("minorsft.precompute")
 
 class Progress:
     """tqdm bar of input rows with the scoring rate in tokens/s; in quiet mode no bar,
-    one log line per chunk instead."""
+    one log line per chunk instead. ``scoring_s`` counts the engine's scoring calls only
+    (not rendering, writing, or the engine's start-up and shutdown)."""
 
     def __init__(self, total_rows: int, quiet: bool):
         self.bar = tqdm(total=total_rows, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True)
         self.tokens = 0
+        self.scoring_s = 0.0
         self.start = time.monotonic()
 
     @property
@@ -86,6 +88,7 @@ def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: Sam
         progress.rejected(len(rejects))
         chunk_start = time.monotonic()
         scores = engine.score(samples, progress.scored) if samples else engines.Scores.empty()
+        progress.scoring_s += time.monotonic() - chunk_start
         table = output.chunk_table(samples, scores, config.store_token_logps)
         output.write_chunk(out, plan.chunk_metadata(run, j, len(samples), len(rejects)), table, rejects)
         if config.quiet:
@@ -111,6 +114,7 @@ def main(config: PrecomputeConfig) -> int:
                     config.tensor_parallel_size)
 
     config = resolve_max_seq_len(config)
+    config = dataclasses.replace(config, max_batch_tokens=engines.batch_tokens(config, engine_name))
     tokenizer = model_dir.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data_format = detect_input_format(config.data) if config.format == "auto" else config.format
     renderer = SampleRenderer(tokenizer, data_format=data_format, template=config.template,
@@ -126,14 +130,17 @@ def main(config: PrecomputeConfig) -> int:
              run.num_input_rows, data_format, run.num_chunks, config.worker_index, config.num_workers,
              len(mine), len(mine) - len(todo), engine_name, engine_version, dtype)
 
-    tokens_scored, scoring_s = 0, 0.0
+    tokens_scored, scoring_s, start_s, close_s = 0, 0.0, None, None
     if todo:
         plan.remove_stale_temp_files(out, todo)
+        start_s = time.monotonic()
         try:
             engine = engines.make_engine(config, engine_name, dtype)
         except Exception as err:
             log.exception("engine %s failed to start", engine_name)
-            raise EngineError(f"engine {engine_name} failed to start: {err}") from err
+            hint = engines.start_failure_hint(config, engine_name, err)
+            raise EngineError(f"engine {engine_name} failed to start: {err}{hint}") from err
+        start_s = time.monotonic() - start_s
         progress = Progress(sum(_chunk_rows(run, j) for j in todo), config.quiet)
         try:
             score_chunks(config, engine, renderer, run, todo, progress)
@@ -144,8 +151,10 @@ def main(config: PrecomputeConfig) -> int:
             raise EngineError(f"engine {engine_name} failed while scoring: {err}") from err
         finally:
             progress.bar.close()
+            close_s = time.monotonic()
             engine.close()
-        tokens_scored, scoring_s = progress.tokens, time.monotonic() - progress.start
+            close_s = time.monotonic() - close_s
+        tokens_scored, scoring_s = progress.tokens, progress.scoring_s
 
     totals = output.worker_totals(out, run, mine)
     expected_rows = sum(_chunk_rows(run, j) for j in mine)
@@ -160,7 +169,10 @@ def main(config: PrecomputeConfig) -> int:
         "chunks": len(mine),
         "chunks_scored_now": len(todo),
         "tokens_scored_now": tokens_scored,
-        "tokens_per_s": round(tokens_scored / scoring_s, 1) if scoring_s else None,
+        "tokens_per_s": round(tokens_scored / scoring_s, 1) if scoring_s else None,  # scoring calls only
+        "scoring_s": round(scoring_s, 2),
+        "engine_start_s": None if start_s is None else round(start_s, 2),
+        "engine_close_s": None if close_s is None else round(close_s, 2),
         "wall_s": round(time.monotonic() - started, 2),
         "engine": engine_name,
         "engine_version": engine_version,

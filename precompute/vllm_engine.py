@@ -33,6 +33,9 @@ def max_model_len(model_dir: str, max_seq_len: int) -> int:
     return max_seq_len + 1
 
 
+MAX_NUM_SEQS = 256  # vLLM's CPU default
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -48,6 +51,10 @@ class VllmEngine:
             model=config.model,
             dtype=dtype,
             max_model_len=max_model_len(config.model, config.max_seq_len),
+            # Bounds the prompt log-probs' memory (precompute.engines.batch_tokens);
+            # vLLM needs at least as many tokens per step as sequences.
+            max_num_batched_tokens=config.max_batch_tokens,
+            max_num_seqs=min(MAX_NUM_SEQS, config.max_batch_tokens),
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             # Prompt log-probs bypass the prefix cache anyway; off, so no cached block

@@ -3,6 +3,7 @@ config loads, and the CLI stays cheap to import."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -162,3 +163,21 @@ def test_file_system_errors_have_their_own_exit_code(tmp_path, tiny_model_dir):
     )
     assert result.returncode == 6, result.stderr[-2000:]
     assert "re-run the same command" in result.stderr
+
+
+@pytest.mark.parametrize("command, config_cls", [("precompute", PrecomputeConfig), ("train", TrainConfig)])
+def test_help_at_80_columns_shows_every_flag_whole_with_its_default(command, config_cls):
+    import os
+    import re
+
+    result = subprocess.run([sys.executable, "-m", "minorsft_core.cli", command, "--help"], capture_output=True,
+                            text=True, env=dict(os.environ, COLUMNS="80"))
+    assert result.returncode == 0, result.stderr
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    # Option entries start at column 2 with "--"; continuation lines are indented further.
+    entries = re.split(r"\n(?=  --)", result.stdout.split("Options:\n", 1)[1])
+    by_flag = {entry.split()[0]: " ".join(entry.split()) for entry in entries}
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in by_flag, f"{flag} not shown whole:\n{result.stdout}"
+        assert "[default:" in by_flag[flag] or "[required]" in by_flag[flag], by_flag[flag]

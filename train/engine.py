@@ -36,6 +36,7 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from minorsft_core.config import DEFAULT_ZERO_STAGE  # noqa: E402
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
+from train.ds_ops import prepare_builds  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
@@ -60,6 +61,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if ON_GPU:
         torch.cuda.set_device(local_rank)
+    prepare_builds()  # on CPU the group's set-up JIT-builds DeepSpeed's communication op
     deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
