@@ -106,8 +106,8 @@ def main(config: PrecomputeConfig) -> int:
     engine_name = engines.resolve_engine(config.engine)
     try:
         engine_version = engines.engine_version(engine_name)
-    except ModuleNotFoundError as err:
-        raise EngineError(str(err)) from err
+    except ModuleNotFoundError as err:  # an option this environment cannot honour; retrying will not help
+        raise ConfigError(str(err)) from err
     dtype = engines.resolve_dtype(config.dtype)
     if engine_name == "hf" and config.tensor_parallel_size > 1:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",

