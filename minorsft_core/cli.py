@@ -101,17 +101,17 @@ def _config_command(config_cls, runner_path: str, doc: str):
     return command
 
 
-app.command("precompute")(_config_command(
+app.command("precompute", short_help="Stage one: reference log-probs into Parquet shards.")(_config_command(
     PrecomputeConfig, "precompute.run:main",
     "Stage one: score every sample with the frozen reference model into Parquet shards.",
 ))
-app.command("train")(_config_command(
+app.command("train", short_help="Stage two: DeepSpeed training on the shards.")(_config_command(
     TrainConfig, "train.run:main",
     "Stage two: DeepSpeed ZeRO-3 training with MinorSFT / SFT / SFT-using-DPO on the shards.",
 ))
 
 
-@app.command("plot")
+@app.command("plot", short_help="Figure 1 view (deviation, loss, coefficient) of runs.")
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(help="`minorsft train --output` directories")],
     out: Annotated[str, typer.Option("--out", help="image to write (.png, .pdf, .svg)")],
@@ -127,7 +127,7 @@ def plot(
     typer.echo(f"wrote {path}")
 
 
-@app.command("demo")
+@app.command("demo", short_help="Both stages end to end on the bundled default (CPU).")
 def demo(
     output: Annotated[str, typer.Option("--output", help="directory for every output of the demo")] = "runs/demo",
     engine: Annotated[str, typer.Option("--engine", help="stage-one engine: auto, vllm or hf")] = "auto",
