@@ -123,19 +123,22 @@ def memory_fraction(config: PrecomputeConfig) -> float:
 
 
 def start_failure_hint(config: PrecomputeConfig, engine: str, err: BaseException) -> str:
-    """Which option to change when vLLM cannot start for lack of memory (its messages, as
-    of 0.32, name its own arguments or none)."""
+    """Which option to change when vLLM cannot start for lack of memory. Its messages (as
+    of 0.32) name its own arguments or none, and when its engine runs in a process of its
+    own, as by default, the error that reaches us only says "see root cause above"."""
     if engine != "vllm":
         return ""
     text, fraction = str(err), memory_fraction(config)
     where = "of GPU memory" if cuda_available() else "of host RAM on vLLM's CPU build"
+    too_small = (f"raise --gpu-memory-utilization (now {fraction}, {where}) so it holds the weights, activations "
+                 "and a KV cache, or lower --max-batch-tokens")
+    too_large = f"lower --gpu-memory-utilization (now {fraction}, {where}) or free memory"
     if "requested memory for kv" in text or "memory for the cache blocks" in text:
-        return (f". The memory vLLM may use (--gpu-memory-utilization {fraction}, {where}) does not hold the "
-                "weights, activations and a KV cache: raise --gpu-memory-utilization, or lower --max-batch-tokens")
+        return f". vLLM's memory share is too small: {too_small}"
     if "is less than desired" in text:
-        return (f". Less memory is free than --gpu-memory-utilization {fraction} ({where}) asks for: lower it, "
-                "or free memory")
-    return ""
+        return f". Less memory is free than vLLM's share asks for: {too_large}"
+    return (". If vLLM's log above says memory ran short (\"less than requested memory for kv\", \"No available "
+            f"memory for the cache blocks\"): {too_small}; if less is free than it asked for: {too_large}")
 
 
 def make_engine(config: PrecomputeConfig, engine: str, dtype: str) -> Engine:

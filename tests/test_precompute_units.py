@@ -83,8 +83,13 @@ def test_vllm_start_failure_for_memory_names_the_option(tmp_path):
     short = RuntimeError("Worker failed with error 'Available memory on node 0 (19.8/23.54 GiB) on kv cache "
                          "allocation is less than requested memory for kv (-0.14/0.47 GiB). Reduce CPU memory used "
                          "by other processes.', please check the stack trace above for the root cause")
-    assert "raise --gpu-memory-utilization" in start_failure_hint(config, "vllm", short)
+    assert "too small: raise --gpu-memory-utilization" in start_failure_hint(config, "vllm", short)
     taken = ValueError("Available memory on node 0 (1.0/23.54 GiB) on startup is less than desired CPU memory "
                        "utilization (0.5, 11.77 GiB).")
-    assert "lower it" in start_failure_hint(config, "vllm", taken)
+    assert "lower --gpu-memory-utilization" in start_failure_hint(config, "vllm", taken)
+    # What reaches the command when vLLM's engine core runs in its own process (measured:
+    # --gpu-memory-utilization 0.02 on the tiny model, exit 4).
+    parent = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): "
+                          "{'EngineCore': 1}")
+    assert "raise --gpu-memory-utilization (now 0.02" in start_failure_hint(config, "vllm", parent)
     assert start_failure_hint(config, "hf", short) == ""
