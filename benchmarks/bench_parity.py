@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from fetch_smollm2 import default_dir, fetch  # noqa: E402
 
-from minorsft_core.cli import EXIT_DRIFT  # noqa: E402
+from minorsft_core.errors import EXIT_DRIFT  # noqa: E402
 
 STAGE_ONE = {"vllm bf16": ("vllm", "bfloat16"), "hf bf16": ("hf", "bfloat16"), "hf fp32": ("hf", "float32")}
 TRAINER = {"bf16": "bfloat16", "fp32": "float32"}

@@ -16,6 +16,7 @@ vLLM spawns worker processes: this script must run as ``__main__``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
@@ -70,8 +71,11 @@ def synthetic_samples(n: int, min_len: int, max_len: int, id_range: int, seed: i
 
 
 def bench(engine_name: str, config: PrecomputeConfig, samples: list[Sample], warmup: list[Sample]) -> dict:
-    from precompute.engines import make_engine
+    from precompute.engines import batch_tokens, make_engine
 
+    if engine_name == "vllm":  # its tokens per step as `minorsft precompute` sets them by default
+        config = dataclasses.replace(config, max_batch_tokens=batch_tokens(
+            dataclasses.replace(config, max_batch_tokens=None), "vllm"))
     started = time.monotonic()
     engine = make_engine(config, engine_name, config.dtype)
     startup_s = time.monotonic() - started

@@ -1,6 +1,7 @@
 """The ``minorsft`` command. Stage commands take their options from the stage's config
 dataclass (one source of truth for names, defaults and help), import their stage
-lazily, and map failures to exit codes a batch system can act on."""
+lazily, and are the one place that maps the stages' typed errors
+(``minorsft_core.errors``) to exit codes a batch system can act on."""
 
 from __future__ import annotations
 
@@ -11,24 +12,26 @@ from typing import Annotated
 
 import typer
 
-from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, load_config
-from minorsft_core.data import DataError
-from minorsft_core.schema import ContractError
-
-# Exit codes (documented in the README): retrying as is helps only with EXIT_ENGINE / EXIT_PREEMPTED.
-EXIT_OK = 0
-EXIT_USAGE = 2  # bad option or config value
-EXIT_BAD_INPUT = 3  # input data, model directory or stage-one output unusable as given
-EXIT_ENGINE = 4  # the engine or trainer failed at run time
-EXIT_DRIFT = 5  # stage two: step-one deviation over --drift-tolerance
-EXIT_IO = 6  # file-system error (disk full, permissions, a file where a directory belongs)
-EXIT_PREEMPTED = 143  # stage two: checkpointed on SIGTERM/SIGINT; re-run to resume
+from minorsft_core.config import PrecomputeConfig, TrainConfig, load_config
+from minorsft_core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENGINE,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    MinorSFTError,
+    exit_code_for,
+)
 
 app = typer.Typer(
     help="MinorSFT fine-tuning (arXiv 2408.10642): precompute reference log-probs, then train.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's tables cut long flag names at 80 columns
+    # ("--tensor-parallel-s…") and read "[default: x]" as markup and drop it.
+    rich_markup_mode=None,
 )
 
 _OPTION_TYPES = {"int": int | None, "float": float | None, "str": str | None, "bool": bool | None}
@@ -60,10 +63,18 @@ def _config_command(config_cls, runner_path: str, doc: str):
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
+        # Every option's default is shown: from the field, or in its help text where it
+        # is computed at run time (the field's default is then None).
         if f.type == "bool":
-            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+            shown = f" [default: {'on' if f.default else 'off'}]"
+            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text + shown, show_default=False)
         else:
-            shown = "" if f.default is None else f" [default: {f.default}]"
+            if f.metadata["required"]:
+                shown = " [required]"  # on the command line or in the --config YAML
+            elif f.default is None:
+                shown = "" if "[default:" in help_text else " [default: none]"
+            else:
+                shown = f" [default: {f.default}]"
             option = typer.Option(None, flag, help=help_text + shown, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=_OPTION_TYPES[f.type], default=option))
@@ -78,12 +89,11 @@ def _config_command(config_cls, runner_path: str, doc: str):
         runner = getattr(__import__(module_name, fromlist=[func_name]), func_name)
         try:
             code = runner(config)
-        except ConfigError as err:  # e.g. options that may not change on resume
-            _fail(EXIT_USAGE, str(err))
-        except (DataError, ContractError, FileNotFoundError) as err:
-            _fail(EXIT_BAD_INPUT, str(err))
-        except OSError as err:
-            _fail(EXIT_IO, f"{err}. Fix the file system and re-run the same command: finished work is kept.")
+        except (MinorSFTError, OSError) as err:
+            code = exit_code_for(err)
+            hint = ". Fix the file system and re-run the same command: finished work is kept." \
+                if code == EXIT_IO else ""
+            _fail(code, f"{err}{hint}")
         raise typer.Exit(code or EXIT_OK)
 
     command.__signature__ = inspect.Signature(params)
@@ -91,17 +101,17 @@ def _config_command(config_cls, runner_path: str, doc: str):
     return command
 
 
-app.command("precompute")(_config_command(
+app.command("precompute", short_help="Stage one: reference log-probs into Parquet shards.")(_config_command(
     PrecomputeConfig, "precompute.run:main",
     "Stage one: score every sample with the frozen reference model into Parquet shards.",
 ))
-app.command("train")(_config_command(
+app.command("train", short_help="Stage two: DeepSpeed training on the shards.")(_config_command(
     TrainConfig, "train.run:main",
     "Stage two: DeepSpeed ZeRO-3 training with MinorSFT / SFT / SFT-using-DPO on the shards.",
 ))
 
 
-@app.command("plot")
+@app.command("plot", short_help="Figure 1 view (deviation, loss, coefficient) of runs.")
 def plot(
     run_dirs: Annotated[list[str], typer.Argument(help="`minorsft train --output` directories")],
     out: Annotated[str, typer.Option("--out", help="image to write (.png, .pdf, .svg)")],
@@ -117,7 +127,7 @@ def plot(
     typer.echo(f"wrote {path}")
 
 
-@app.command("demo")
+@app.command("demo", short_help="Both stages end to end on the bundled default (CPU).")
 def demo(
     output: Annotated[str, typer.Option("--output", help="directory for every output of the demo")] = "runs/demo",
     engine: Annotated[str, typer.Option("--engine", help="stage-one engine: auto, vllm or hf")] = "auto",

@@ -17,10 +17,7 @@ from typing import Any
 import yaml
 
 from minorsft_core.atomic import write_text_atomic
-
-
-class ConfigError(ValueError):
-    pass
+from minorsft_core.errors import ConfigError
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
@@ -67,7 +64,8 @@ class PrecomputeConfig:
                         choices=("auto", "vllm", "hf"))
     dtype: str = field("auto", help="reference dtype: bfloat16, float16, float32, or auto (bf16 on GPU, fp32 on CPU)",
                        choices=("auto", "bfloat16", "float16", "float32"))
-    max_seq_len: int = field(4096, help="longest sample in tokens; longer ones are rejected as too_long")
+    max_seq_len: int = field(None, help="longest sample in tokens; longer ones are rejected as too_long "
+                                        "[default: the smaller of 4096 and the model's context]")
     truncate_answer: bool = field(False, help="truncate over-long answers to --max-seq-len instead of rejecting")
     format: str = field("auto", help="record format: prompt_completion, alpaca, messages, or auto",
                         choices=("auto", "prompt_completion", "alpaca", "messages"))
@@ -77,10 +75,13 @@ class PrecomputeConfig:
     worker_index: int = field(0, help="this job's index I in 0..K-1")
     tensor_parallel_size: int = field(1, help="vLLM tensor parallelism within this job")
     chunk_rows: int = field(1024, help="input rows per chunk (the unit of resume and of shard files)")
-    max_batch_tokens: int = field(16384, help="hf engine: padded tokens per forward batch")
+    max_batch_tokens: int = field(
+        None, help="tokens per forward step. hf: padded tokens per batch, at least --max-seq-len [default: 16384]; "
+                   "vllm: max_num_batched_tokens (longer prompts are scored in pieces) [default: as many as keep "
+                   "the prompt log-probs' fp32 [tokens, vocab] tensors under 1 GiB, at most 4096]")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
-        None, help="vLLM memory fraction (of host RAM on CPU builds); default 0.9 on GPU, 0.15 on CPU")
+        None, help="vLLM memory fraction (of host RAM on CPU builds) [default: 0.9 on GPU, 0.15 on CPU]")
     enforce_eager: bool = field(False, help="vLLM: no torch.compile / CUDA graphs; starts ~10 s sooner, "
                                             "scores slower (small jobs, tests)")
     store_token_logps: bool = field(False, help="also store per-token reference log-probs (ref_token_logps)")
@@ -93,11 +94,11 @@ class PrecomputeConfig:
         _positive(self, "max_seq_len", "num_workers", "tensor_parallel_size", "chunk_rows", "max_batch_tokens")
         if not 0 <= self.worker_index < self.num_workers:
             raise ConfigError(f"worker_index: {self.worker_index} not in 0..{self.num_workers - 1} (num_workers)")
-        if self.max_batch_tokens < self.max_seq_len:
-            raise ConfigError(f"max_batch_tokens: {self.max_batch_tokens} < max_seq_len {self.max_seq_len}; "
-                              "one sample must fit a batch")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+DEFAULT_ZERO_STAGE = 3  # when neither --zero-stage nor the --deepspeed JSON names one
 
 
 @dataclasses.dataclass
@@ -125,7 +126,8 @@ class TrainConfig:
     seed: int = field(42, help="seed of data order and initialisation")
     dtype: str = field("auto", help="bfloat16, float32, or auto (bf16 on GPU, fp32 on CPU)",
                        choices=("auto", "bfloat16", "float32"))
-    zero_stage: int = field(3, help="DeepSpeed ZeRO stage", choices=(2, 3))
+    zero_stage: int = field(None, help="DeepSpeed ZeRO stage [default: the --deepspeed JSON's "
+                                       "zero_optimization.stage, else 3]", choices=(2, 3))
     deepspeed: str = field(None, help="DeepSpeed JSON config; its batch/optimizer keys are set from this config")
     drift_tolerance: float = field(0.1, help="step-1 parity guard (policy = reference): stop before the first update "
                                              "if the mean over samples of |delta_i|/m_i exceeds this (nats/token)")

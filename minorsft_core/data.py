@@ -9,8 +9,15 @@ format, nothing valid at all) raise ``DataError`` naming the file and the fix.
 Rendering: the record becomes a conversation; the tokenizer's chat template renders
 it; the text is cut into prompt and answer segments at each assistant turn; each
 segment is tokenized on its own and the ids are concatenated, so an answer boundary
-never depends on a BPE merge across it. An answer segment is the assistant's text
-plus the end-of-turn token the template puts after it.
+never depends on a BPE merge across it. An answer segment is what the template renders
+for the assistant message beyond the generation prompt (tokens the generation prompt
+does not emit included: the model must produce them), through the first special token
+after the content (the end of turn). A row whose content the template does not render
+as given is rejected (``bad_template``), never trained on with a wrong answer.
+
+Plain text (``--template none``, base models) is encoded as the tokenizer encodes text:
+with the special tokens it adds in front (Llama, Mistral and Gemma tokenizers add BOS;
+Qwen2's adds nothing).
 """
 
 from __future__ import annotations
@@ -25,13 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from minorsft_core.errors import DataError
+
 FORMATS = ("prompt_completion", "alpaca", "messages")
 TEMPLATES = ("chat", "none")
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """The input as a whole cannot be used; the message names the file and the fix."""
 
 
 # Reject reasons. Every input row ends up scored or rejected with one of these.
@@ -41,7 +46,8 @@ BAD_TYPE = "bad_type"
 EMPTY_ANSWER = "empty_answer"
 TOO_LONG = "too_long"
 BAD_ROLE = "bad_role"
-REJECT_REASONS = (INVALID_JSON, MISSING_FIELD, BAD_TYPE, EMPTY_ANSWER, TOO_LONG, BAD_ROLE)
+BAD_TEMPLATE = "bad_template"
+REJECT_REASONS = (INVALID_JSON, MISSING_FIELD, BAD_TYPE, EMPTY_ANSWER, TOO_LONG, BAD_ROLE, BAD_TEMPLATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +277,17 @@ def to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
 # ---- conversations to token ids -----------------------------------------------------------
 
 
+def _added_prefix_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts in front of any text it encodes (BOS, for most base
+    models), read off an encoding with and without its special tokens."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def hash_token_ids(input_ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(input_ids, dtype="<i4").tobytes()).hexdigest()[:24]
 
@@ -299,6 +316,7 @@ class SampleRenderer:
         self._special_ids = set(tokenizer.all_special_ids) | {
             token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
         }
+        self._text_prefix_ids = _added_prefix_ids(tokenizer) if template == "none" else []
 
     def render(self, row: int, record: Any) -> Sample | Reject:
         if isinstance(record, Reject):
@@ -339,7 +357,7 @@ class SampleRenderer:
                     "or a template that appends turns"
                 )
             segments.append((before[len(rendered):], False))
-            answer, rest = self._split_end_of_turn(through[len(before):])
+            answer, rest = self._split_end_of_turn(through[len(before):], message["content"], k)
             segments.append((answer, True))
             rendered = before + answer
         # Text after the last answer carries no loss: it is left out.
@@ -350,27 +368,35 @@ class SampleRenderer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _split_end_of_turn(self, turn: str) -> tuple[str, str]:
-        """Cut an assistant turn's rendering after its end-of-turn token.
+    def _split_end_of_turn(self, turn: str, content: str, k: int) -> tuple[str, str]:
+        """Cut an assistant turn's rendering after the end-of-turn token that follows its content.
 
-        ``turn`` is content plus whatever the template appends, e.g. ``"Hi<|im_end|>\\n"``.
-        The answer runs through the first special token after the content; the rest
-        (the newline) belongs to the next prompt. A template that appends no special
-        token gets the eos token appended, so the model learns to stop.
+        ``turn`` is what the template renders for the message beyond the generation
+        prompt: perhaps tokens the generation prompt does not emit, the content, and what
+        the template appends, e.g. ``"Hi<|im_end|>\\n"``. The answer runs through the first
+        special token after the content; the rest (the newline) belongs to the next
+        prompt. A template that appends no special token gets the eos token appended, so
+        the model learns to stop. Content the template does not render as given (beyond
+        trimming whitespace) is a ``bad_template`` reject: its answer would be other text.
         """
-        ids = self.tokenizer(turn, add_special_tokens=False)["input_ids"]
-        for token_id in ids:
+        start = turn.find(content.strip())
+        if start < 0:
+            raise _BadRecord(BAD_TEMPLATE, f"messages[{k}]: the chat template does not render this assistant "
+                                           "content as given, so its answer tokens cannot be found")
+        content_end = start + len(content.strip())
+        tail = turn[content_end:]
+        for token_id in self.tokenizer(tail, add_special_tokens=False)["input_ids"]:
             if token_id in self._special_ids:
                 # Special tokens are split out before BPE, so the first special id is the
                 # first occurrence of its text.
                 text = self.tokenizer.convert_ids_to_tokens(token_id)
-                cut = turn.index(text) + len(text)
+                cut = content_end + tail.index(text) + len(text)
                 return turn[:cut], turn[cut:]
         return turn + self.tokenizer.eos_token, ""
 
     def _tokenize(self, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-        input_ids: list[int] = []
-        completion_mask: list[int] = []
+        input_ids: list[int] = list(self._text_prefix_ids)
+        completion_mask: list[int] = [0] * len(input_ids)
         for text, is_answer in segments:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             input_ids.extend(ids)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from minorsft_core.atomic import replacing
+from minorsft_core.errors import ContractError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"minorsft"
@@ -47,11 +48,6 @@ OPTIONAL_ARROW_FIELDS = {REF_TOKEN_LOGPS: pa.list_(pa.float32())}
 
 SHARD_GLOB = "shard-*.parquet"
 REJECTS_GLOB = "rejects-*.jsonl"
-
-
-class ContractError(ValueError):
-    """Stage-one output that stage two must not train on. The message names the file
-    (and row, where one is at fault) and says how to fix it."""
 
 
 def shard_path(output_dir: str | os.PathLike, chunk_index: int) -> Path:

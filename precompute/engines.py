@@ -22,6 +22,8 @@ import numpy as np
 
 from minorsft_core.config import PrecomputeConfig
 from minorsft_core.data import Sample
+from minorsft_core.errors import ConfigError
+from minorsft_core.model_dir import vocab_size
 
 # Called after each scored batch with (rows, tokens) it scored.
 Progress = Callable[[int, int], None]
@@ -30,6 +32,16 @@ Progress = Callable[[int, int], None]
 # its GPU default (0.9) would take a shared machine's memory.
 CPU_MEMORY_FRACTION = 0.15
 GPU_MEMORY_FRACTION = 0.9
+
+HF_BATCH_TOKENS = 16384
+# vLLM leaves prompt log-probs out of its memory profile: for each scheduled prompt
+# piece it builds fp32 logits and their log-softmax, [tokens, vocab] each, and a bool
+# [tokens, vocab] for the ranks (vllm 0.32, GPUModelRunner._get_prompt_logprobs_dict),
+# so a 262k vocabulary at vLLM's 4096 tokens per step needs ~9 GiB nobody reserved.
+# Capping the tokens per step bounds them; chunked prefill scores longer prompts in pieces.
+PROMPT_LOGPROBS_BYTES = 1 << 30
+BYTES_PER_PROMPT_LOGIT = 4 + 4 + 1
+VLLM_BATCH_TOKENS = 4096  # vLLM's own CPU default, the most we ask for
 
 
 @dataclasses.dataclass
@@ -90,15 +102,51 @@ def engine_version(engine: str) -> str:
     )
 
 
+def batch_tokens(config: PrecomputeConfig, engine: str) -> int:
+    """``--max-batch-tokens`` for ``engine``: given, or its default (the option's help)."""
+    if engine == "hf":
+        tokens = config.max_batch_tokens or HF_BATCH_TOKENS
+        if tokens < config.max_seq_len:
+            raise ConfigError(f"max_batch_tokens: {tokens} < max_seq_len {config.max_seq_len}; the hf engine "
+                              "needs one sample to fit a batch")
+        return tokens
+    if config.max_batch_tokens is not None:
+        return config.max_batch_tokens
+    vocab = vocab_size(config.model) or 1
+    return max(1, min(VLLM_BATCH_TOKENS, PROMPT_LOGPROBS_BYTES // (BYTES_PER_PROMPT_LOGIT * vocab)))
+
+
+def memory_fraction(config: PrecomputeConfig) -> float:
+    if config.gpu_memory_utilization is not None:
+        return config.gpu_memory_utilization
+    return GPU_MEMORY_FRACTION if cuda_available() else CPU_MEMORY_FRACTION
+
+
+def start_failure_hint(config: PrecomputeConfig, engine: str, err: BaseException) -> str:
+    """Which option to change when vLLM cannot start for lack of memory. Its messages (as
+    of 0.32) name its own arguments or none, and when its engine runs in a process of its
+    own, as by default, the error that reaches us only says "see root cause above"."""
+    if engine != "vllm":
+        return ""
+    text, fraction = str(err), memory_fraction(config)
+    where = "of GPU memory" if cuda_available() else "of host RAM on vLLM's CPU build"
+    too_small = (f"raise --gpu-memory-utilization (now {fraction}, {where}) so it holds the weights, activations "
+                 "and a KV cache, or lower --max-batch-tokens")
+    too_large = f"lower --gpu-memory-utilization (now {fraction}, {where}) or free memory"
+    if "requested memory for kv" in text or "memory for the cache blocks" in text:
+        return f". vLLM's memory share is too small: {too_small}"
+    if "is less than desired" in text:
+        return f". Less memory is free than vLLM's share asks for: {too_large}"
+    return (". If vLLM's log above says memory ran short (\"less than requested memory for kv\", \"No available "
+            f"memory for the cache blocks\"): {too_small}; if less is free than it asked for: {too_large}")
+
+
 def make_engine(config: PrecomputeConfig, engine: str, dtype: str) -> Engine:
     """The engine named ``engine``, loaded and ready to score."""
     if engine == "vllm":
         from precompute.vllm_engine import VllmEngine
 
-        memory = config.gpu_memory_utilization
-        if memory is None:
-            memory = GPU_MEMORY_FRACTION if cuda_available() else CPU_MEMORY_FRACTION
-        return VllmEngine(config, dtype=dtype, gpu_memory_utilization=memory)
+        return VllmEngine(config, dtype=dtype, gpu_memory_utilization=memory_fraction(config))
     from precompute.hf_engine import HfEngine
 
     return HfEngine(config.model, dtype=dtype, max_batch_tokens=config.max_batch_tokens,

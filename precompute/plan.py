@@ -16,7 +16,8 @@ from typing import Any
 
 from minorsft_core import schema
 from minorsft_core.config import PrecomputeConfig
-from minorsft_core.data import DataError, count_records, input_files, read_records
+from minorsft_core.data import count_records, input_files, read_records
+from minorsft_core.errors import DataError
 
 
 def count_rows(data: str) -> int:

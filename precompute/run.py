@@ -19,11 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minorsft_core import schema
+from minorsft_core import model_dir, schema
 from minorsft_core.atomic import write_text_atomic
-from minorsft_core.cli import EXIT_ENGINE, EXIT_OK
 from minorsft_core.config import PrecomputeConfig, save_config
-from minorsft_core.data import DataError, Reject, Sample, SampleRenderer, detect_input_format
+from minorsft_core.data import Reject, Sample, SampleRenderer, detect_input_format
+from minorsft_core.errors import EXIT_OK, ConfigError, DataError, EngineError, InputError
 from precompute import engines, output, plan
 
 log = logging.getLogger("minorsft.precompute")
@@ -31,11 +31,13 @@ log = logging.getLogger("minorsft.precompute")
 
 class Progress:
     """tqdm bar of input rows with the scoring rate in tokens/s; in quiet mode no bar,
-    one log line per chunk instead."""
+    one log line per chunk instead. ``scoring_s`` counts the engine's scoring calls only
+    (not rendering, writing, or the engine's start-up and shutdown)."""
 
     def __init__(self, total_rows: int, quiet: bool):
         self.bar = tqdm(total=total_rows, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True)
         self.tokens = 0
+        self.scoring_s = 0.0
         self.start = time.monotonic()
 
     @property
@@ -61,20 +63,19 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def load_tokenizer(config: PrecomputeConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+DEFAULT_MAX_SEQ_LEN = 4096
 
 
-def check_context(config: PrecomputeConfig) -> None:
-    config_path = Path(config.model) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config.model}: no config.json; --model must be a Hugging Face model directory")
-    limit = json.loads(config_path.read_text()).get("max_position_embeddings")
+def resolve_max_seq_len(config: PrecomputeConfig) -> PrecomputeConfig:
+    """``config`` with ``--max-seq-len`` set: by default the smaller of 4096 and the
+    model's context; a larger explicit value is an option error (exit 2)."""
+    limit = model_dir.context_length(config.model)
+    if config.max_seq_len is None:
+        return dataclasses.replace(config, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, limit or DEFAULT_MAX_SEQ_LEN))
     if limit is not None and config.max_seq_len > limit:
-        raise DataError(f"--max-seq-len {config.max_seq_len} exceeds the model's context "
-                        f"(max_position_embeddings {limit}); lower it")
+        raise ConfigError(f"max_seq_len: {config.max_seq_len} exceeds the model's context ({limit} positions, "
+                          f"{config.model}/config.json); lower it or leave it out (default min(4096, context))")
+    return config
 
 
 def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: SampleRenderer,
@@ -88,6 +89,7 @@ def score_chunks(config: PrecomputeConfig, engine: engines.Engine, renderer: Sam
         progress.rejected(len(rejects))
         chunk_start = time.monotonic()
         scores = engine.score(samples, progress.scored) if samples else engines.Scores.empty()
+        progress.scoring_s += time.monotonic() - chunk_start
         table = output.chunk_table(samples, scores, config.store_token_logps)
         output.write_chunk(out, plan.chunk_metadata(run, j, len(samples), len(rejects)), table, rejects)
         if config.quiet:
@@ -105,16 +107,16 @@ def main(config: PrecomputeConfig) -> int:
     engine_name = engines.resolve_engine(config.engine)
     try:
         engine_version = engines.engine_version(engine_name)
-    except ModuleNotFoundError as err:
-        log.error("%s", err)
-        return EXIT_ENGINE
+    except ModuleNotFoundError as err:  # an option this environment cannot honour; retrying will not help
+        raise ConfigError(str(err)) from err
     dtype = engines.resolve_dtype(config.dtype)
     if engine_name == "hf" and config.tensor_parallel_size > 1:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
                     config.tensor_parallel_size)
 
-    check_context(config)
-    tokenizer = load_tokenizer(config)
+    config = resolve_max_seq_len(config)
+    config = dataclasses.replace(config, max_batch_tokens=engines.batch_tokens(config, engine_name))
+    tokenizer = model_dir.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data_format = detect_input_format(config.data) if config.format == "auto" else config.format
     renderer = SampleRenderer(tokenizer, data_format=data_format, template=config.template,
                               max_seq_len=config.max_seq_len, truncate_answer=config.truncate_answer)
@@ -129,26 +131,31 @@ def main(config: PrecomputeConfig) -> int:
              run.num_input_rows, data_format, run.num_chunks, config.worker_index, config.num_workers,
              len(mine), len(mine) - len(todo), engine_name, engine_version, dtype)
 
-    tokens_scored, scoring_s = 0, 0.0
+    tokens_scored, scoring_s, start_s, close_s = 0, 0.0, None, None
     if todo:
         plan.remove_stale_temp_files(out, todo)
+        start_s = time.monotonic()
         try:
             engine = engines.make_engine(config, engine_name, dtype)
         except Exception as err:
-            log.exception("engine %s failed to start: %s", engine_name, err)
-            return EXIT_ENGINE
+            log.exception("engine %s failed to start", engine_name)
+            hint = engines.start_failure_hint(config, engine_name, err)
+            raise EngineError(f"engine {engine_name} failed to start: {err}{hint}") from err
+        start_s = time.monotonic() - start_s
         progress = Progress(sum(_chunk_rows(run, j) for j in todo), config.quiet)
         try:
             score_chunks(config, engine, renderer, run, todo, progress)
-        except (DataError, schema.ContractError, OSError):
+        except (InputError, OSError):
             raise  # bad input or a full disk: not the engine's fault
         except Exception as err:
-            log.exception("engine %s failed while scoring: %s", engine_name, err)
-            return EXIT_ENGINE
+            log.exception("engine %s failed while scoring", engine_name)
+            raise EngineError(f"engine {engine_name} failed while scoring: {err}") from err
         finally:
             progress.bar.close()
+            close_s = time.monotonic()
             engine.close()
-        tokens_scored, scoring_s = progress.tokens, time.monotonic() - progress.start
+            close_s = time.monotonic() - close_s
+        tokens_scored, scoring_s = progress.tokens, progress.scoring_s
 
     totals = output.worker_totals(out, run, mine)
     expected_rows = sum(_chunk_rows(run, j) for j in mine)
@@ -163,7 +170,10 @@ def main(config: PrecomputeConfig) -> int:
         "chunks": len(mine),
         "chunks_scored_now": len(todo),
         "tokens_scored_now": tokens_scored,
-        "tokens_per_s": round(tokens_scored / scoring_s, 1) if scoring_s else None,
+        "tokens_per_s": round(tokens_scored / scoring_s, 1) if scoring_s else None,  # scoring calls only
+        "scoring_s": round(scoring_s, 2),
+        "engine_start_s": None if start_s is None else round(start_s, 2),
+        "engine_close_s": None if close_s is None else round(close_s, 2),
         "wall_s": round(time.monotonic() - started, 2),
         "engine": engine_name,
         "engine_version": engine_version,

@@ -13,14 +13,13 @@ worker processes, so it must be built under ``if __name__ == "__main__":`` or fr
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from minorsft_core.config import PrecomputeConfig
 from minorsft_core.data import Sample
+from minorsft_core.model_dir import context_length
 from precompute.engines import Progress, Scores, engine_version
 
 
@@ -28,11 +27,13 @@ def max_model_len(model_dir: str, max_seq_len: int) -> int:
     """vLLM refuses a prompt that leaves no room for one output token, so it needs
     ``max_seq_len + 1`` positions. When that is one past the model's context, the extra
     position only serves the discarded token: vLLM is told to allow it."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    limit = config.get("max_position_embeddings")
+    limit = context_length(model_dir)
     if limit is not None and max_seq_len + 1 > limit:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     return max_seq_len + 1
+
+
+MAX_NUM_SEQS = 256  # vLLM's CPU default
 
 
 class VllmEngine:
@@ -50,6 +51,10 @@ class VllmEngine:
             model=config.model,
             dtype=dtype,
             max_model_len=max_model_len(config.model, config.max_seq_len),
+            # Bounds the prompt log-probs' memory (precompute.engines.batch_tokens);
+            # vLLM needs at least as many tokens per step as sequences.
+            max_num_batched_tokens=config.max_batch_tokens,
+            max_num_seqs=min(MAX_NUM_SEQS, config.max_batch_tokens),
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             # Prompt log-probs bypass the prefix cache anyway; off, so no cached block

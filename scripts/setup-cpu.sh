@@ -36,3 +36,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch and break `import transformers` ("operator torchvision::nms does not exist").
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch, transformers, vllm, deepspeed, minorsft_core; print('minorsft env ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__)"
+# DeepSpeed JIT-builds its CPU communication op on first use (~80 s on two cores). Build
+# it now, into this environment (.venv/torch_extensions, where `minorsft train` looks
+# unless TORCH_EXTENSIONS_DIR is set), so no run pays for it or can be killed mid-build.
+DS_ACCELERATOR=cpu .venv/bin/python -m train.ds_ops

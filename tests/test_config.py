@@ -3,6 +3,7 @@ config loads, and the CLI stays cheap to import."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minorsft_core.config import ConfigError, PrecomputeConfig, TrainConfig, load_config, save_config
+from minorsft_core.config import PrecomputeConfig, TrainConfig, load_config, save_config
+from minorsft_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {
@@ -109,9 +111,29 @@ def test_import_is_cheap():
     assert "torch.distributed" not in (REPO / "minorsft_core/losses.py").read_text()
 
 
+def test_stages_raise_typed_errors_and_never_import_the_command():
+    """Errors and exit codes live in the ground floor (minorsft_core.errors); the stages
+    stand on it and only the command maps errors to codes, so no stage imports the CLI."""
+    import ast
+
+    for path in sorted([*REPO.glob("precompute/*.py"), *REPO.glob("train/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "minorsft_core.cli", f"{path.relative_to(REPO)} imports the CLI"
+    from minorsft_core import errors
+
+    assert errors.exit_code_for(ConfigError("x")) == errors.EXIT_USAGE
+    assert errors.exit_code_for(errors.DataError("x")) == errors.exit_code_for(errors.ContractError("x")) == 3
+    assert errors.exit_code_for(FileNotFoundError("x")) == errors.EXIT_BAD_INPUT
+    assert errors.exit_code_for(PermissionError("x")) == errors.exit_code_for(OSError(28, "full")) == errors.EXIT_IO
+    assert errors.exit_code_for(RuntimeError("x")) == errors.EXIT_ENGINE
+
+
 def test_cli_help_and_usage_errors():
     help_out = subprocess.run([sys.executable, "-m", "minorsft_core.cli", "--help"], capture_output=True, text=True)
     assert help_out.returncode == 0 and "precompute" in help_out.stdout and "train" in help_out.stdout
+    commands = help_out.stdout.split("Commands:", 1)[1]
+    assert "Figure 1 view" in commands and "..." not in commands  # no command summary cut short
     bad = subprocess.run(
         [sys.executable, "-m", "minorsft_core.cli", "train", "--data", "d", "--model", "m", "--output", "o",
          "--loss", "kto"],
@@ -143,3 +165,21 @@ def test_file_system_errors_have_their_own_exit_code(tmp_path, tiny_model_dir):
     )
     assert result.returncode == 6, result.stderr[-2000:]
     assert "re-run the same command" in result.stderr
+
+
+@pytest.mark.parametrize("command, config_cls", [("precompute", PrecomputeConfig), ("train", TrainConfig)])
+def test_help_at_80_columns_shows_every_flag_whole_with_its_default(command, config_cls):
+    import os
+    import re
+
+    result = subprocess.run([sys.executable, "-m", "minorsft_core.cli", command, "--help"], capture_output=True,
+                            text=True, env=dict(os.environ, COLUMNS="80"))
+    assert result.returncode == 0, result.stderr
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    # Option entries start at column 2 with "--"; continuation lines are indented further.
+    entries = re.split(r"\n(?=  --)", result.stdout.split("Options:\n", 1)[1])
+    by_flag = {entry.split()[0]: " ".join(entry.split()) for entry in entries}
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in by_flag, f"{flag} not shown whole:\n{result.stdout}"
+        assert "[default:" in by_flag[flag] or "[required]" in by_flag[flag], by_flag[flag]

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from minorsft_core import data
-from minorsft_core.data import DataError, Reject, Sample, SampleRenderer
+from minorsft_core.data import Reject, Sample, SampleRenderer
+from minorsft_core.errors import DataError
 
 SYSTEM_DEFAULT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -212,3 +213,85 @@ def test_count_records_counts_jsonl_rows_as_read_records_numbers_them(tmp_path):
     lines_under_json_name = tmp_path / "d.json"
     lines_under_json_name.write_text(path.read_text())
     assert data.count_records(lines_under_json_name) == 3
+
+
+# ---- other tokenizers and templates ---------------------------------------------------------
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer():
+    """A BPE tokenizer with Llama-3's special tokens and chat template, which, like
+    Llama's, Mistral's and Gemma's, puts BOS in front of any text it encodes."""
+    from conftest import make_texts
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+               "<|python_tag|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(make_texts(), trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                        extra_special_tokens=special[2:])
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    return tokenizer
+
+
+def test_plain_text_gets_the_bos_its_tokenizer_adds(llama3_style_tokenizer, tiny_tokenizer):
+    """--template none encodes text as the tokenizer does: BOS first where it adds one
+    (before: never, and base models score text without BOS tens of nats lower), nothing
+    for Qwen2's tokenizer."""
+    record = {"prompt": "why", "completion": "because"}
+    tokenizer = llama3_style_tokenizer
+    assert tokenizer("why", add_special_tokens=True)["input_ids"][0] == tokenizer.bos_token_id
+    sample = _renderer(tokenizer, "prompt_completion", template="none").render(0, record)
+    assert sample.input_ids[0] == tokenizer.bos_token_id and sample.completion_mask[0] == 0
+    assert tokenizer.decode(sample.input_ids) == "<|begin_of_text|>why\nbecause<|eot_id|>"
+    assert _answer_texts(tokenizer, sample) == ["because<|eot_id|>"]
+    plain = _renderer(tiny_tokenizer, "prompt_completion", template="none").render(0, record)
+    assert plain.input_ids == tiny_tokenizer("why\nbecause<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_llama3_style_chat_template(llama3_style_tokenizer):
+    tokenizer = llama3_style_tokenizer
+    record = {"messages": [{"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."},
+                           {"role": "user", "content": "how?"}, {"role": "assistant", "content": " so. "}]}
+    sample = _renderer(tokenizer).render(0, record)
+    assert _answer_texts(tokenizer, sample) == ["because.<|eot_id|>", "so.<|eot_id|>"]
+    assert tokenizer.decode(sample.input_ids) == tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    assert sample.input_ids.count(tokenizer.bos_token_id) == 1  # the template's, not a second one
+
+
+def test_a_token_the_generation_prompt_omits_stays_with_the_answer(llama3_style_tokenizer):
+    """A template that starts assistant turns with a special token the generation prompt
+    does not emit: the answer is that token, the content and the end of turn (before:
+    the token alone, the content dropped). A template that does not render the content
+    as given is a bad_template reject, never a wrong answer."""
+    tokenizer = llama3_style_tokenizer
+    record = {"messages": [{"role": "user", "content": "why?"}, {"role": "assistant", "content": "because."}]}
+    tokenizer.chat_template = LLAMA3_TEMPLATE.replace(
+        "\n\n{{ message['content'] | trim }}",
+        "\n\n{% if message['role'] == 'assistant' %}<|python_tag|>{% endif %}{{ message['content'] | trim }}")
+    try:
+        sample = _renderer(tokenizer).render(0, record)
+        assert _answer_texts(tokenizer, sample) == ["<|python_tag|>because.<|eot_id|>"]
+        tokenizer.chat_template = LLAMA3_TEMPLATE.replace("{{ message['content'] | trim }}",
+                                                          "{{ message['content'] | upper }}")
+        reject = _renderer(tokenizer).render(3, {**record, "id": "x"})
+        assert isinstance(reject, Reject) and reject.reason == data.BAD_TEMPLATE and reject.id == "x"
+        assert "messages[1]" in reject.detail
+    finally:
+        tokenizer.chat_template = LLAMA3_TEMPLATE

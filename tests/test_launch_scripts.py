@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_records, write_jsonl
-from train_fixtures import write_stage_one_output
+from train_fixtures import end_process_tree, write_stage_one_output
 
 from minorsft_core import schema
-from minorsft_core.cli import EXIT_BAD_INPUT
+from minorsft_core.errors import EXIT_BAD_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "scripts" / "cluster"
@@ -159,6 +159,15 @@ def _train_job(tmp_path, model, data, output, *flags) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _finish(job: subprocess.Popen, timeout: float) -> str:
+    """The job's log once it exits; on a timeout the script, torchrun and its ranks are killed."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        end_process_tree(job)
+        raise
+
+
 def test_slurm_stage_two_one_node_checkpoints_requeues_and_resumes(tiny_model_dir, tmp_path):
     data = write_stage_one_output(tiny_model_dir, make_records(16), tmp_path / "shards")
     output = tmp_path / "run"
@@ -174,7 +183,7 @@ def test_slurm_stage_two_one_node_checkpoints_requeues_and_resumes(tiny_model_di
         time.sleep(0.2)
     assert job.poll() is None, "the run ended before it could be signalled:\n" + job.communicate()[0][-3000:]
     job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N sends: the batch shell only
-    log = job.communicate(timeout=240)[0]
+    log = _finish(job, 240)
     assert job.returncode == 0, log[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["exit_code"] == 143, log[-3000:]
@@ -183,7 +192,7 @@ def test_slurm_stage_two_one_node_checkpoints_requeues_and_resumes(tiny_model_di
     assert (tmp_path / "requeues.log").read_text() == "requeue 4242\n"
 
     job = _train_job(tmp_path, tiny_model_dir, data, output, *flags)  # the requeued job: same command
-    log = job.communicate(timeout=300)[0]
+    log = _finish(job, 300)
     assert job.returncode == 0, log[-3000:]
     assert f"resuming at step {summary['step']}" in log
     summary = json.loads((output / "summary.json").read_text())
@@ -196,7 +205,24 @@ def test_slurm_stage_two_exits_with_the_ranks_code_not_torchruns(tiny_model_dir,
     data = tmp_path / "shards"
     data.mkdir()  # no shards at all: unusable input, exit 3 on the rank
     job = _train_job(tmp_path, tiny_model_dir, data, tmp_path / "run", "--global-batch-size", 4)
-    log = job.communicate(timeout=240)[0]
+    log = _finish(job, 240)
     assert "minorsft-train: torchrun exited 1; summary status: failed" in log, log[-3000:]
     assert job.returncode == EXIT_BAD_INPUT
     assert not (tmp_path / "requeues.log").exists()
+
+
+def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
+    """run_to_end on timeout kills what the command started too, including a child in a
+    session of its own (as torchrun starts each rank), not just the command."""
+    import psutil
+    from train_fixtures import run_to_end
+
+    pid_file = tmp_path / "pids"
+    script = f"setsid sleep 300 & echo $! >> {pid_file}; sleep 300 & echo $! >> {pid_file}; wait"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_to_end(["bash", "-c", script], env=dict(os.environ), timeout=2)
+    deadline = time.monotonic() + 10
+    pids = [int(pid) for pid in pid_file.read_text().split()]
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
+        assert time.monotonic() < deadline, f"left running: {pids}"
+        time.sleep(0.1)

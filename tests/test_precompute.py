@@ -20,9 +20,9 @@ import torch
 from conftest import make_records, make_texts, write_jsonl
 
 from minorsft_core import schema
-from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_ENGINE, EXIT_USAGE
 from minorsft_core.config import PrecomputeConfig
 from minorsft_core.data import BAD_ROLE, BAD_TYPE, EMPTY_ANSWER, INVALID_JSON, MISSING_FIELD, TOO_LONG
+from minorsft_core.errors import EXIT_BAD_INPUT, EXIT_ENGINE, EXIT_USAGE
 from minorsft_core.tiny import save_tiny_model
 from precompute.run import main
 
@@ -93,12 +93,17 @@ def chat_data(tmp_path_factory):
     return path, messages_corpus(path)
 
 
+VLLM_BATCH_TOKENS = 48  # < MAX_SEQ_LEN: longer prompts are scored in pieces, as large vocabularies need
+
+
 @pytest.fixture(scope="module")
 def vllm_out(tiny_model_dir, chat_data, tmp_path_factory):
-    """The one vLLM run of this file: chat corpus, chunks of 16 rows, per-token log-probs."""
+    """The one vLLM run of this file: chat corpus, chunks of 16 rows, per-token log-probs,
+    at most 48 tokens per engine step (the cap that bounds prompt log-probs' memory)."""
     output = tmp_path_factory.mktemp("vllm") / "out"
     result = cli("--model", str(tiny_model_dir), "--data", str(chat_data[0]), "--output", str(output),
-                 "--engine", "vllm", "--enforce-eager", "--chunk-rows", "16", "--store-token-logps", *COMMON)
+                 "--engine", "vllm", "--enforce-eager", "--chunk-rows", "16", "--store-token-logps",
+                 "--max-seq-len", str(MAX_SEQ_LEN), "--max-batch-tokens", str(VLLM_BATCH_TOKENS), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result, json.loads((output / "summary-w0.json").read_text())
 
@@ -152,6 +157,16 @@ def test_engines_agree(vllm_out, hf_out):
         assert vllm_rows.column(column).to_pylist() == hf_rows.column(column).to_pylist()
     np.testing.assert_allclose(vllm_rows.column(schema.REF_LOGP_SUM).to_numpy(),
                                hf_rows.column(schema.REF_LOGP_SUM).to_numpy(), rtol=0, atol=1e-4)
+
+
+def test_summary_times_scoring_apart_from_start_up_and_shutdown(vllm_out):
+    """tokens_per_s is the scoring rate: vLLM's start-up (tens of seconds) and shutdown
+    (seconds) are reported beside it, not inside it."""
+    summary = vllm_out[2]
+    assert summary["engine_start_s"] > 1 and summary["engine_close_s"] > 0
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens_scored_now"] / summary["scoring_s"], rel=0.02)
+    assert summary["scoring_s"] + summary["engine_start_s"] + summary["engine_close_s"] <= summary["wall_s"]
+    assert max(len(ids) for ids in read_output(vllm_out[0]).column(schema.INPUT_IDS).to_pylist()) > VLLM_BATCH_TOKENS
 
 
 def test_token_logps_sum_to_ref_logp_sum(vllm_out):

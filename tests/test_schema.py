@@ -15,7 +15,8 @@ import pytest
 
 from minorsft_core import schema
 from minorsft_core.atomic import write_text_atomic
-from minorsft_core.schema import ContractError, ShardMetadata
+from minorsft_core.errors import ContractError
+from minorsft_core.schema import ShardMetadata
 
 
 def _metadata(**overrides) -> ShardMetadata:

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import STAGE_ONE_ROWS, make_records
-from train_fixtures import REPO, run_train, score, train_command, write_stage_one_output
+from train_fixtures import REPO, run_to_end, run_train, score, train_command, write_stage_one_output
 
-from minorsft_core.cli import EXIT_DRIFT, EXIT_PREEMPTED
 from minorsft_core.data import SampleRenderer
+from minorsft_core.errors import EXIT_DRIFT, EXIT_PREEMPTED
 from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID
 from train.metrics import METRIC_KEYS, read_metrics
 
@@ -183,8 +183,8 @@ def test_deepspeed_launcher_zero2_json_and_checkpointing_equal_zero3(two_rank_ru
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-    result = _ok(subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), minorsft, "train",
-                                 *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400))
+    result = _ok(run_to_end([deepspeed, "--num_gpus", "2", "--master_port", str(port), minorsft, "train",
+                             *map(str, args)], env=env, timeout=400))
     assert "ZeRO-2" in result.stderr + result.stdout
     zero3, zero2 = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
     assert len(zero3) == len(zero2) == 2

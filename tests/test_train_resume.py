@@ -25,7 +25,7 @@ import pytest
 import torch
 from train_fixtures import REPO, train_command, train_env
 
-from minorsft_core.cli import EXIT_PREEMPTED
+from minorsft_core.errors import EXIT_PREEMPTED
 from train.metrics import METRIC_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,9 @@ from train_fixtures import write_stage_one_output
 from typer.testing import CliRunner
 
 from minorsft_core import losses, schema
-from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_USAGE, app
+from minorsft_core.cli import app
 from minorsft_core.config import TrainConfig
+from minorsft_core.errors import EXIT_BAD_INPUT, EXIT_USAGE
 from train.data import Layout, epoch_batches, padding_fraction, split_global_batch
 from train.loop import compute_loss, normalizer
 
@@ -261,7 +262,7 @@ def test_only_the_committed_checkpoint_is_loaded_and_leftovers_are_removed(tmp_p
 
 
 def test_plan_steps_from_epochs_or_max_steps():
-    from minorsft_core.data import DataError
+    from minorsft_core.errors import DataError
     from train.run import plan_steps
 
     config = TrainConfig(data="d", model="m", output="o", global_batch_size=8, epochs=1.5, warmup_ratio=0.1)
@@ -312,3 +313,46 @@ def test_resume_refuses_another_zero_stage_and_zero2_on_another_world_size():
         _check_resumable_layout(zero3_on_2, 2, 2)
     with pytest.raises(ConfigError, match="only ZeRO-3 checkpoints resume on another number of ranks"):
         _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 2, 4)
+# ---- DeepSpeed's JIT-built op ---------------------------------------------------------------
+
+
+def test_op_builds_go_into_the_environment_unless_the_user_chose(monkeypatch, tmp_path):
+    import sys
+
+    from train.ds_ops import use_environment_build_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert use_environment_build_dir() == tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert str(use_environment_build_dir()) == "/elsewhere"
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
+    """A lock in a build directory nothing has written to for longer than a build's
+    pause is a killed build's: removed with a message (before: waited on forever, in
+    silence). A lock with recent writes is waited for, and the wait is announced."""
+    import os
+    import threading
+    import time
+
+    from train.ds_ops import wait_for_build_lock
+
+    said = []
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("lock", "build.ninja", "shm.o"):
+        (killed / name).write_text("")
+        os.utime(killed / name, (time.time() - 3600, time.time() - 3600))
+    wait_for_build_lock(killed, stale_after_s=300, say=said.append)
+    assert not (killed / "lock").exists() and "killed build" in said[0]
+
+    said.clear()
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "lock").write_text("")
+    threading.Timer(0.5, (live / "lock").unlink).start()  # the other build finishes
+    started = time.monotonic()
+    wait_for_build_lock(live, stale_after_s=300, poll_s=0.05, say=said.append)
+    assert time.monotonic() - started >= 0.4
+    assert len(said) == 1 and "waiting for another process's build" in said[0] and str(live / "lock") in said[0]

@@ -11,8 +11,8 @@ import torch
 from conftest import STAGE_ONE_ROWS, make_texts
 from train_fixtures import perturbed_copy, run_train
 
-from minorsft_core.config import ConfigError
-from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID, ContractError
+from minorsft_core.errors import ConfigError, ContractError
+from minorsft_core.schema import ANSWER_LEN, REF_LOGP_SUM, SAMPLE_ID
 from train.metrics import read_metrics
 from train.trl import DriftError, MinorSFTConfig, MinorSFTTrainer, load_shards
 
@@ -194,19 +194,18 @@ def test_launched_runs_with_accumulation_equal_minorsft_train(minorsft_train_run
                                                               micro, deepspeed):
     import json
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
-    from train_fixtures import REPO
+    from train_fixtures import REPO, run_to_end
 
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     script = Path(__file__).with_name("trl_ranks.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
     args = [str(data), str(policy), str(tmp_path), str(micro), "2", *([str(REPO / deepspeed)] if deepspeed else [])]
-    result = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={ranks}", str(script), *args], env=env,
-                            capture_output=True, text=True, timeout=400)
+    result = run_to_end([torchrun, "--standalone", f"--nproc_per_node={ranks}", str(script), *args], env=env,
+                        timeout=400, cwd=None)
     assert result.returncode == 0, result.stderr[-4000:]
     logged = [e for e in json.loads((tmp_path / "log_history.json").read_text()) if "deviation" in e]
     expected = read_metrics(minorsft_train_run / "metrics.jsonl")

@@ -6,6 +6,7 @@ depending on stage one's code."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,14 +102,51 @@ def train_command(*args, ranks: int = 1) -> list[str]:
     return [torchrun, "--standalone", f"--nproc_per_node={ranks}", minorsft, "train", *map(str, args)]
 
 
-def train_env() -> dict[str, str]:
+def run_train(*args, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_to_end(train_command(*args, ranks=ranks), env=train_env(), timeout=timeout)
+
+
+def train_env(**extra: str) -> dict[str, str]:
     # A test process that ran a trainer in-process (the TRL tests) holds RANK/MASTER_PORT
     # of its own group: a child inheriting them would join, or collide on, that port.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
 
 
-def run_train(*args, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(*args, ranks=ranks), cwd=REPO, env=train_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_to_end(command: list[str], *, env: dict[str, str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=...)``, except that
+    on a timeout every process the command started is killed, not the command alone."""
+    process = subprocess.Popen(command, cwd=popen.pop("cwd", REPO), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_process_tree(process)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    """Kill ``process`` (started with ``start_new_session=True``) and all it started.
+
+    The process group holds what the command started directly; torchrun starts each rank
+    in a session of its own, so the ranks are found as descendants as well. Left running
+    they would hold memory and ports for the rest of the test session."""
+    import psutil  # a dependency of deepspeed
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.communicate()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minorsft_core.errors import ConfigError
 from minorsft_core.schema import ANSWER_LEN, COMPLETION_MASK, INPUT_IDS, REF_LOGP_SUM, ScannedOutput
 
 # Samples sorted by length together: large enough that neighbours have similar
@@ -60,7 +61,7 @@ class Layout:
 
     def __post_init__(self):
         if self.global_batch % (self.micro * self.world):
-            raise ValueError(
+            raise ConfigError(
                 f"global batch {self.global_batch} is not a multiple of micro batch {self.micro} x "
                 f"{self.world} ranks; pick --global-batch-size, --micro-batch-size and the rank count so it is"
             )

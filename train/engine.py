@@ -36,8 +36,10 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
+from minorsft_core.config import DEFAULT_ZERO_STAGE  # noqa: E402
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
 from train import checkpoints  # noqa: E402
+from train.ds_ops import prepare_builds  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
@@ -82,6 +84,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local_rank)
         if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # read by DeepSpeed's JIT build of fused Adam
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    prepare_builds()  # on CPU the group's set-up JIT-builds DeepSpeed's communication op
     deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
@@ -99,7 +102,10 @@ def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> d
     ``config`` so the two can never disagree."""
     base = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else {}
     zero = base.setdefault("zero_optimization", {})
-    zero.setdefault("stage", config.zero_stage)
+    if config.zero_stage is not None:  # train.run.resolve_options has checked it against the JSON's
+        zero["stage"] = config.zero_stage
+    elif zero.get("stage", "auto") == "auto":
+        zero["stage"] = DEFAULT_ZERO_STAGE
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     base.update(

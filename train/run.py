@@ -7,6 +7,7 @@ accelerator work, so a bad job fails in seconds, not after loading a 70B model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,24 +18,21 @@ import traceback
 from pathlib import Path
 
 from minorsft_core.atomic import write_text_atomic
-from minorsft_core.cli import (
-    EXIT_BAD_INPUT,
+from minorsft_core.config import DEFAULT_ZERO_STAGE, TrainConfig, save_config
+from minorsft_core.errors import (
     EXIT_DRIFT,
     EXIT_ENGINE,
-    EXIT_IO,
     EXIT_OK,
     EXIT_PREEMPTED,
-    EXIT_USAGE,
-)
-from minorsft_core.config import ConfigError, TrainConfig, save_config
-from minorsft_core.data import DataError
-from minorsft_core.schema import (
-    ANSWER_LEN,
+    ConfigError,
     ContractError,
-    ScannedOutput,
-    describe_differences,
-    model_fingerprint,
+    DataError,
+    EngineError,
+    MinorSFTError,
+    exit_code_for,
 )
+from minorsft_core.model_dir import load_tokenizer
+from minorsft_core.schema import ANSWER_LEN, ScannedOutput, describe_differences, model_fingerprint
 from train import checkpoints
 from train.stage_one import check_tokenizer, scan_stage_one
 
@@ -55,15 +53,10 @@ def _say(message: str) -> None:
 def check_inputs(config: TrainConfig):
     """Everything that can refuse the run without an accelerator. Returns the scanned
     shards and the policy's tokenizer."""
-    from transformers import AutoTokenizer
-
     scanned = scan_stage_one(config.data)
     if Path(config.model).exists() and not Path(config.model, "config.json").exists():
         raise FileNotFoundError(f"--model {config.model}: no config.json; pass a Hugging Face model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    except OSError as err:  # not a directory here and not resolvable as a hub id
-        raise FileNotFoundError(f"--model {config.model}: cannot load its tokenizer ({err})") from err
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     meta = scanned.metadata
     check_tokenizer(tokenizer, meta, model=config.model, data=config.data)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -134,16 +127,19 @@ class _StopFlag:
 
 
 def main(config: TrainConfig) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        scanned, tokenizer = check_inputs(config)
-    except ConfigError as err:
-        _record_failure(config, EXIT_USAGE, err)
-        raise
-    except (ContractError, DataError, FileNotFoundError) as err:
-        _record_failure(config, EXIT_BAD_INPUT, err)
-        raise
-    except OSError as err:
-        _record_failure(config, EXIT_IO, err)
+        config = resolve_options(config, world_size)
+        if world_size > 1:
+            # Join the group before any check can refuse, so that a refusal on one rank
+            # ends every rank with its code instead of leaving the others waiting for a
+            # peer that is gone (a launcher then reports only its own 1).
+            from train import engine as ds
+
+            ds.init_distributed()
+        scanned, tokenizer = _on_every_rank(check_inputs, config)
+    except (MinorSFTError, OSError) as err:
+        _record_failure(config, exit_code_for(err), err)
         raise
     summary = Path(config.output) / "summary.json"
     if _summary_status(summary) == "completed":
@@ -153,16 +149,80 @@ def main(config: TrainConfig) -> int:
         return EXIT_OK
     try:
         return _train(config, scanned, tokenizer)
-    except ConfigError as err:
-        _record_failure(config, EXIT_USAGE, err)
-        raise
-    except (ContractError, DataError, FileNotFoundError) as err:
-        _record_failure(config, EXIT_BAD_INPUT, err)
+    except (MinorSFTError, OSError) as err:  # bad input found late, or the file system (disk full, permissions)
+        _record_failure(config, exit_code_for(err), err)
         raise
     except Exception as err:  # the engine failed at run time: a retry may help, bad input would not
         traceback.print_exc()
         _record_failure(config, EXIT_ENGINE, err)
-        return EXIT_ENGINE
+        raise EngineError(f"training failed: {type(err).__name__}: {err}") from err
+
+
+def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
+    """``config`` with the ZeRO stage resolved, after the option errors that only the
+    launch (how many ranks) or a file the options name reveal. Every rank finds the
+    same ones from its own environment, so each exits 2 before anything is loaded,
+    without waiting for the others."""
+    import importlib.util
+
+    from train.data import Layout
+
+    Layout(config.global_batch_size, config.micro_batch_size, world_size)
+    json_stage = "auto"
+    if config.deepspeed:
+        try:
+            json_stage = json.loads(Path(config.deepspeed).read_text()).get("zero_optimization", {}).get("stage", "auto")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ConfigError(f"--deepspeed {config.deepspeed}: not a readable JSON object ({err})") from err
+    # One stage for both: config.yaml records the one that runs. A JSON naming another
+    # stage than an explicit --zero-stage is a contradiction, not something to pick from.
+    if json_stage == "auto":
+        stage = config.zero_stage or DEFAULT_ZERO_STAGE
+    elif json_stage not in (2, 3):
+        raise ConfigError(f"--deepspeed {config.deepspeed}: zero_optimization.stage {json_stage!r}; "
+                          "minorsft trains with ZeRO stage 2 or 3")
+    elif config.zero_stage not in (None, json_stage):
+        raise ConfigError(
+            f"--deepspeed {config.deepspeed} sets zero_optimization.stage {json_stage} but --zero-stage is "
+            f"{config.zero_stage}: drop one of them, or make them agree")
+    else:
+        stage = json_stage
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package; install it or "
+                          "use sdpa")
+    return dataclasses.replace(config, zero_stage=stage)
+
+
+def _on_every_rank(check, config: TrainConfig):
+    """``check(config)`` on this rank; if any rank of the group refused, every rank raises
+    (the first refusing rank's error, or a copy of it with the same exit code), and rank 0
+    records it in summary.json. Without a group it is just ``check(config)``."""
+    import torch.distributed as dist
+
+    failure = None
+    try:
+        result = check(config)
+    except Exception as err:  # any failure, so that no rank waits below for one that left
+        failure = err
+    if not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return result
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if failure is None else (exit_code_for(failure), str(failure)))
+    refused = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if not refused:
+        return result
+    first_rank, (code, message) = refused[0]
+    this_rank = dist.get_rank()
+    dist.destroy_process_group()
+    if first_rank == this_rank:
+        raise failure
+    if failure is not None:
+        _say(f"this rank also refused: {failure}")
+    copy = MinorSFTError(f"rank {first_rank} refused the run: {message}")
+    copy.exit_code = code
+    raise copy
 
 
 def _summary_status(path: Path) -> str | None:
@@ -269,6 +329,58 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     if rank == 0:
         _say(f"done: {output / 'final'}")
     return EXIT_OK
+
+
+def _check_resumable_layout(resume: dict | None, zero_stage: int, world: int) -> None:
+    """The checkpoint's ZeRO stage must be this run's (a ``--deepspeed`` JSON may set it),
+    and only ZeRO-3 checkpoints are converted for another world size here."""
+    if resume is None:
+        return
+    if resume["zero_stage"] != zero_stage:
+        raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written with ZeRO-{resume['zero_stage']}, "
+                          f"this run uses ZeRO-{zero_stage}; resume with ZeRO-{resume['zero_stage']} "
+                          "(--zero-stage / --deepspeed), or start fresh with a new --output")
+    if resume["world_size"] != world and zero_stage != 3:
+        raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written by {resume['world_size']} ranks "
+                          f"with ZeRO-{zero_stage}, this run has {world}: only ZeRO-3 checkpoints resume on another "
+                          f"number of ranks. Resume on {resume['world_size']} ranks, or start fresh with a new --output")
+
+
+def _peak_memory_mib() -> float:
+    """This rank's peak: accelerator memory allocated on GPU, resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def _drift_message(config: TrainConfig, agreement: dict) -> str:
+    from train.loop import parity_failures
+
+    return (
+        f"step 1: the policy disagrees with stage one's reference ({'; '.join(parity_failures(config, agreement))}; "
+        f"signed mean delta/m {agreement['deviation']:+.4f}); stopped before the first update. Before training the "
+        "policy is the reference, so this measures how differently the two stages score the same samples. "
+        "Likely causes: --model is not the reference the shards were scored with; a tokenizer, chat template or "
+        "dtype mismatch between the stages. bf16 scoring differs per sample (docs/train.md, parity table): score "
+        "stage one in the dtype you train in, or with `--engine hf` (the trainer's own head), or in float32. If the "
+        "policy deliberately differs from the reference (continuing from a fine-tuned checkpoint), raise "
+        "--drift-tolerance and --coef-tolerance."
+    )
+
+
+def _online_reference(reference_engine):
+    import torch
+
+    @torch.no_grad()
+    def score(batch):
+        return reference_engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                completion_mask=batch.completion_mask).double()
+
+    return score
 
 
 def _check_resumable_layout(resume: dict | None, zero_stage: int, world: int) -> None:

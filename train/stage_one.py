@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from minorsft_core.schema import ContractError, ScannedOutput, ShardMetadata, scan_output_dir, tokenizer_fingerprint
+from minorsft_core.errors import ContractError
+from minorsft_core.schema import ScannedOutput, ShardMetadata, scan_output_dir, tokenizer_fingerprint
 
 
 def scan_stage_one(data) -> ScannedOutput:

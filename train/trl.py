@@ -38,8 +38,8 @@ try:
 except ImportError as err:  # the optional extra
     raise ImportError(f"train.trl needs TRL ({err}): pip install 'minorsft[trl]'") from err
 
-from minorsft_core.config import ConfigError, TrainConfig
-from minorsft_core.data import DataError
+from minorsft_core.config import TrainConfig
+from minorsft_core.errors import ConfigError, ContractError, DataError
 from minorsft_core.losses import sequence_logps
 from minorsft_core.schema import (
     ANSWER_LEN,
@@ -47,7 +47,6 @@ from minorsft_core.schema import (
     INPUT_IDS,
     REF_LOGP_SUM,
     SAMPLE_ID,
-    ContractError,
     ShardMetadata,
 )
 from train.data import TRAIN_COLUMNS, open_shards, pad_records

@@ -1,0 +1,88 @@
+"""DeepSpeed's JIT-built ops: where they are built, stale build locks, building at set-up.
+
+On CPU DeepSpeed compiles its shared-memory communication op on first use (about 80 s
+on two cores) through torch's ``cpp_extension``, under ``TORCH_EXTENSIONS_DIR``
+(default: ``~/.cache/torch_extensions``, shared by every virtual environment of the
+user, though each build belongs to one torch). While a process builds, a ``lock`` file
+sits in the op's build directory; a process killed mid-build leaves it behind, and
+every later run then waits on it forever without a word.
+
+So: ``use_environment_build_dir`` puts the builds inside the environment that owns
+them (``sys.prefix/torch_extensions``, unless the user set ``TORCH_EXTENSIONS_DIR``),
+``wait_for_build_lock`` says what it waits for and removes a lock nobody works under,
+and ``python -m train.ds_ops`` (``scripts/setup-cpu.sh``) builds the op at set-up time.
+Nothing here imports deepspeed at import time; ``train.engine`` calls the first two
+before it imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME in deepspeed 0.19
+# A build writes object files every few seconds; a lock whose build directory has seen
+# no write for this long belongs to a build that was killed.
+STALE_AFTER_S = 300
+
+
+def use_environment_build_dir() -> Path:
+    """Set ``TORCH_EXTENSIONS_DIR`` to ``sys.prefix/torch_extensions`` unless the user set
+    it (or the environment is not writable); return the directory builds go to."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def wait_for_build_lock(op_dir: Path, *, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0,
+                        say=lambda message: print(f"minorsft: {message}", file=sys.stderr, flush=True)) -> None:
+    """Return once ``op_dir/lock`` is gone. A lock whose build directory has not been
+    written to for ``stale_after_s`` is a killed build's: it is removed, with a message.
+    Meanwhile the wait is announced once, naming the lock."""
+    lock = op_dir / "lock"
+    announced = False
+    while lock.exists():
+        try:
+            idle_s = time.time() - max(p.stat().st_mtime for p in op_dir.rglob("*"))
+        except (FileNotFoundError, ValueError):  # the build finished and cleaned up meanwhile
+            time.sleep(poll_s)
+            continue
+        if idle_s > stale_after_s:
+            lock.unlink(missing_ok=True)
+            say(f"removed {lock}: a build of DeepSpeed's {op_dir.name} op left it {idle_s:.0f} s ago and nothing "
+                "has written there since (a killed build); building again")
+            return
+        if not announced:
+            say(f"waiting for another process's build of DeepSpeed's {op_dir.name} op (lock {lock}); a lock "
+                f"with no build activity for {stale_after_s:.0f} s is treated as left by a killed build")
+            announced = True
+        time.sleep(poll_s)
+
+
+def prepare_builds() -> None:
+    """Before deepspeed is imported: builds in this environment, no stale lock waited on.
+    Only local rank 0 clears a stale lock; the other ranks wait in DeepSpeed's own loop."""
+    build_dir = use_environment_build_dir()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        wait_for_build_lock(build_dir / SHM_COMM_OP)
+
+
+def build_ops() -> Path:
+    """Build the CPU communication op now (set-up time); return its build directory."""
+    prepare_builds()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    if build_shm_op() is None:
+        raise RuntimeError("DeepSpeed reports its shared-memory communication op incompatible here")
+    return use_environment_build_dir() / SHM_COMM_OP
+
+
+if __name__ == "__main__":
+    print(f"built {build_ops()}")
