@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import make_records, make_texts, write_jsonl
+from tiny_models import save_tiny_model
 
 from minorsft_core import schema
 from minorsft_core.cli import EXIT_BAD_INPUT, EXIT_ENGINE, EXIT_USAGE
 from minorsft_core.config import PrecomputeConfig
 from minorsft_core.data import BAD_ROLE, BAD_TYPE, EMPTY_ANSWER, INVALID_JSON, MISSING_FIELD, TOO_LONG
-from minorsft_core.tiny import save_tiny_model
 from precompute.run import main
 
 pytestmark = pytest.mark.slow

@@ -120,7 +120,7 @@ def test_drift_guard_refuses_shards_from_another_reference(tiny_model_dir, data,
 
 
 def test_refuses_a_tokenizer_other_than_the_shards(data, tmp_path):
-    from minorsft_core.tiny import save_tiny_model
+    from tiny_models import save_tiny_model
 
     other = save_tiny_model(tmp_path / "other", make_texts(seed=3), seed=0)
     with pytest.raises(ContractError, match="tokenizer .* differs from the one stage one used"):
