@@ -75,7 +75,9 @@ class PrecomputeConfig:
     worker_index: int = field(0, help="this job's index I in 0..K-1")
     tensor_parallel_size: int = field(1, help="vLLM tensor parallelism within this job")
     chunk_rows: int = field(1024, help="input rows per chunk (the unit of resume and of shard files)")
-    max_batch_tokens: int = field(16384, help="hf engine: padded tokens per forward batch")
+    max_batch_tokens: int = field(16384, help="hf engine: tokens per forward batch (padding included, unless packed)")
+    packing: bool = field(False, help="hf engine: each batch one padding-free row (position ids restart per sample); "
+                                      "pays off with flash-attention, where attention runs per sample")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds); default 0.9 on GPU, 0.15 on CPU")

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minorsft_core import schema
+from minorsft_core.batching import resolve_dtype
 from minorsft_core.cli import EXIT_ENGINE, EXIT_OK
 from minorsft_core.config import PrecomputeConfig, save_config
 from minorsft_core.data import DataError, Reject, Sample, SampleRenderer, detect_input_format
@@ -107,7 +108,7 @@ def main(config: PrecomputeConfig) -> int:
     except ModuleNotFoundError as err:
         log.error("%s", err)
         return EXIT_ENGINE
-    dtype = engines.resolve_dtype(config.dtype)
+    dtype = resolve_dtype(config.dtype)
     if engine_name == "hf" and config.tensor_parallel_size > 1:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
                     config.tensor_parallel_size)

@@ -152,8 +152,10 @@ def _record_failure(config: TrainConfig, exit_code: int, err: BaseException) -> 
 
 
 def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
+    import torch
     import torch.distributed as dist
 
+    from minorsft_core.batching import resolve_dtype
     from train import engine as ds
     from train.data import Layout, open_shards, sequence_lengths
     from train.loop import COMPLETED, DRIFTED, PREEMPTED, Run, fit
@@ -174,7 +176,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     lengths = sequence_lengths(dataset)
     answer_len = dataset.data.column(ANSWER_LEN).to_numpy()
     steps_per_epoch, total_steps, warmup_steps = plan_steps(config, len(lengths))
-    dtype = ds.resolve_dtype(config.dtype)
+    dtype = getattr(torch, resolve_dtype(config.dtype))
     # DeepSpeed's batch keys only have to multiply out; the loop owns accumulation (train.loop).
     ds_config = ds.ds_config(config, micro=layout.global_batch // (layout.accumulation * world),
                              accumulation=layout.accumulation, dtype=dtype)
