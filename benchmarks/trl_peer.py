@@ -99,6 +99,7 @@ def main() -> None:
         use_cpu=not on_gpu, seed=args.seed, report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, max_length=None, padding_free=args.padding_free,
         completion_only_loss=True,
+        gradient_checkpointing=False,  # TRL's default is on; minorsft train's is off (--gradient-checkpointing)
     )
     trainer = CountingSFTTrainer(model=model, args=config, train_dataset=load_dataset(Path(args.data)),
                                  processing_class=tokenizer)
