@@ -45,7 +45,8 @@ def build_model(directory: Path, *, vocab: int, hidden: int, layers: int) -> tup
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from minorsft_core.tiny import build_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # data/tiny_models.py
+    from tiny_models import build_tokenizer
 
     rng = random.Random(0)
     words = [f"w{k}" for k in range(600)]

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ def save_random_model(output: Path, shape: str, max_len: int) -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from minorsft_core.tiny import build_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # data/tiny_models.py
+    from tiny_models import build_tokenizer
 
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
     tokenizer = build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 50)

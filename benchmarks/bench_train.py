@@ -1,18 +1,22 @@
-"""What MinorSFT costs over plain SFT in stage two: one script, one run.
+"""Stage two side by side in one run: what MinorSFT costs over SFT, what packing buys,
+and how both compare with TRL's ``SFTTrainer`` on the same model, data and batches.
 
-Trains sft, minorsft, dpo_sft and minorsft with ``--reference online`` on the same
-data and settings (each a fresh ``minorsft train`` process, one rank, ZeRO-3) and
-prints per-step time, tokens/s and peak memory (RSS on CPU, CUDA peak allocated on
-GPU), each also as a ratio to sft. Target: minorsft / sft <= 1.02 in time and memory;
-the online reference is shown for contrast (it runs a second forward per batch and
-holds a second model).
+Each variant is a fresh process (one rank; ours under ZeRO-3 unless named ``zero2``),
+run in interleaved rounds so a burst of other work on a shared machine hits every
+variant alike; the fastest round per variant is reported (noise only ever slows a
+run down). Per variant: tokens/s over steps 2..N (real tokens, padding not counted;
+step 1 pays one-off warm-up), the time of the whole pass (all N steps) and of the
+process (start-up included), peak memory (RSS on CPU, CUDA peak allocated on GPU),
+and the padding fraction; each as a ratio to ``--baseline``.
 
-    .venv/bin/python benchmarks/bench_train.py            # a tiny Qwen2 on CPU
-    .venv/bin/python benchmarks/bench_train.py --hidden 896 --layers 24 --heads 14 --kv-heads 2 \\
-        --intermediate 4864 --vocab 32000 --dtype bfloat16   # Qwen2-0.5B-shaped, on a GPU
+    .venv/bin/python benchmarks/bench_train.py     # sft, minorsft, dpo_sft, online reference (run_all.py)
+    .venv/bin/python benchmarks/bench_train.py --against-trl --samples 128 --steps 8   # README, TRL table
+    .venv/bin/python benchmarks/bench_train.py --against-trl --device cuda --dtype bfloat16 \\
+        --hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --vocab 32000
 
-Stage-one output is built with the tests' fixture (``tests/train_fixtures.py``): an
-HF fp32 scoring of the random model, so the runs start with deviation ~0.
+Stage one is real: ``minorsft precompute --engine hf`` in fp32 (so every run starts
+with deviation ~0). TRL (the ``trl`` extra) trains the same shards' token ids with
+``completion_only_loss`` (benchmarks/trl_peer.py).
 """
 
 from __future__ import annotations
@@ -22,26 +26,31 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "data"))  # data/tiny_models.py
 
-from conftest import WORDS, make_texts  # noqa: E402
-from train_fixtures import train_command, write_stage_one_output  # noqa: E402
+from tiny_models import WORDS, make_texts, save_tiny_model  # noqa: E402
 
-from minorsft_core.tiny import save_tiny_model  # noqa: E402
-
-VARIANTS = {
+OURS = {
     "sft": ["--loss", "sft"],
     "minorsft": ["--loss", "minorsft"],
     "dpo_sft": ["--loss", "dpo_sft"],
     "minorsft+online": ["--loss", "minorsft", "--reference", "online"],
+    "sft+packing": ["--loss", "sft", "--packing"],
+    "minorsft+packing": ["--loss", "minorsft", "--packing"],
+    "sft+packing+zero2": ["--loss", "sft", "--packing", "--zero-stage", "2"],
+    "minorsft+packing+zero2": ["--loss", "minorsft", "--packing", "--zero-stage", "2"],
 }
+TRL = {"trl-sft": [], "trl-sft+padding-free": ["--padding-free"]}
+DEFAULT_VARIANTS = ("sft", "minorsft", "dpo_sft", "minorsft+online")
+AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing")
 
 
 def make_records(n: int, max_words: int, seed: int = 0) -> list[dict]:
@@ -53,23 +62,62 @@ def make_records(n: int, max_words: int, seed: int = 0) -> list[dict]:
     return [{"id": f"b{k}", "prompt": text(5, 60) + "?", "completion": text(20, max_words) + "."} for k in range(n)]
 
 
-def run_variant(name: str, common: list, workdir: Path, global_batch: int) -> dict:
+def stage_one(model: Path, records: list[dict], workdir: Path) -> Path:
+    source, output = workdir / "records.jsonl", workdir / "shards"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    minorsft = str(Path(sys.executable).with_name("minorsft"))
+    subprocess.run([minorsft, "precompute", "--model", str(model), "--data", str(source), "--output", str(output),
+                    "--engine", "hf", "--dtype", "float32", "--max-seq-len", "2048", "--quiet"], check=True)
+    return output
+
+
+def step_stats(steps: list[dict], wall_s: float, peak_mib: float) -> dict:
+    """``steps``: per optimizer step ``{"seconds", "tokens", "padding_fraction"}``."""
+    steady = steps[1:] or steps  # step 1 pays one-off warm-up (allocator, kernels)
+    seconds = sum(s["seconds"] for s in steady)
+    return {
+        "tokens_per_s": sum(s["tokens"] for s in steady) / seconds,
+        "step_s": seconds / len(steady),
+        "pass_s": sum(s["seconds"] for s in steps),
+        "wall_s": wall_s,
+        "peak_mib": peak_mib,
+        "padding": sum(s["padding_fraction"] for s in steps) / len(steps),
+    }
+
+
+def run_ours(name: str, common: list, workdir: Path, global_batch: int) -> dict:
     output = workdir / name
     shutil.rmtree(output, ignore_errors=True)  # a fresh run each round, not a resume
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(train_command(*common, "--output", output, *VARIANTS[name]), cwd=REPO, env=env,
+    minorsft = str(Path(sys.executable).with_name("minorsft"))
+    started = time.perf_counter()
+    result = subprocess.run([minorsft, "train", *map(str, common), "--output", str(output), *OURS[name]],
+                            cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
                             capture_output=True, text=True)
+    wall = time.perf_counter() - started
     if result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    steady = metrics[1:] or metrics  # step 1 pays one-off warm-up (allocator, kernels)
-    summary = json.loads((output / "summary.json").read_text())
-    return {
-        "step_s": statistics.median(global_batch / m["samples_per_s"] for m in steady),
-        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steady),
-        "peak_mib": summary["peak_memory_mib"],
-        "padding": statistics.mean(m["padding_fraction"] for m in metrics),
-    }
+    steps = [{"seconds": global_batch / m["samples_per_s"],
+              "tokens": m["tokens_per_s"] * global_batch / m["samples_per_s"],
+              "padding_fraction": m["padding_fraction"]} for m in metrics]
+    return step_stats(steps, wall, json.loads((output / "summary.json").read_text())["peak_memory_mib"])
+
+
+def run_trl(name: str, args, model: Path, shards: Path, workdir: Path) -> dict:
+    output = workdir / name
+    shutil.rmtree(output, ignore_errors=True)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(HERE / "trl_peer.py"), "--model", str(model), "--data", str(shards),
+         "--output", str(output), "--global-batch-size", str(args.global_batch_size),
+         "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps), "--dtype", args.dtype,
+         "--lr", str(args.lr), "--attn-implementation", args.attn_implementation, *TRL[name]],
+        cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return step_stats(report["steps"], wall, report["peak_mib"])
 
 
 def main() -> None:
@@ -79,40 +127,68 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is reported")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu hides any GPU from every run (CUDA_VISIBLE_DEVICES='')")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of: {', '.join([*OURS, *TRL])}")
+    parser.add_argument("--against-trl", action="store_true",
+                        help=f"variants {','.join(AGAINST_TRL)} (baseline trl-sft)")
+    parser.add_argument("--baseline", default=None, help="the variant ratios are to (default: the first)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the fastest is reported")
     parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
     args = parser.parse_args()
+    if args.against_trl:
+        args.variants = ",".join(AGAINST_TRL)
+    variants = args.variants.split(",")
+    baseline = args.baseline or variants[0]
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         model = save_tiny_model(workdir / "model", make_texts(2000), vocab_size=args.vocab,
                                 hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                                 num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
-        data = write_stage_one_output(model, make_records(args.samples, args.max_words), workdir / "shards")
-        common = ["--data", data, "--model", model, "--global-batch-size", args.global_batch_size,
+        shards = stage_one(model, make_records(args.samples, args.max_words), workdir)
+        lengths = _lengths(shards)
+        common = ["--data", shards, "--model", model, "--global-batch-size", args.global_batch_size,
                   "--micro-batch-size", args.micro_batch_size, "--max-steps", args.steps, "--dtype", args.dtype,
-                  "--save-steps", 10**6]
-        # Interleaved rounds, best round per variant: on a shared machine another job's burst
-        # slows one run, and the minimum is the estimate such noise only ever inflates.
-        rounds = [{name: run_variant(name, common, workdir, args.global_batch_size) for name in VARIANTS}
-                  for _ in range(args.repeats)]
-        results = {name: min((r[name] for r in rounds), key=lambda r: r["step_s"]) for name in VARIANTS}
+                  "--lr", args.lr, "--save-steps", 10**6, "--attn-implementation", args.attn_implementation]
+        rounds = []
+        for _ in range(args.repeats):
+            rounds.append({name: run_trl(name, args, model, shards, workdir) if name in TRL
+                           else run_ours(name, common, workdir, args.global_batch_size) for name in variants})
+        results = {name: min((r[name] for r in rounds), key=lambda r: r["pass_s"]) for name in variants}
 
-    base = results["sft"]
-    print(f"{'loss':<18}{'step s':>9}{'x sft':>7}{'tokens/s':>11}{'x sft':>7}{'peak MiB':>10}{'x sft':>7}")
+    print(f"{args.samples} samples of {min(lengths)}-{max(lengths)} tokens, global batch {args.global_batch_size}"
+          f" = micro {args.micro_batch_size} x {args.global_batch_size // args.micro_batch_size}, {args.steps} steps,"
+          f" {args.dtype}, {args.device}, {args.repeats} interleaved rounds; ratios to {baseline}")
+    base = results[baseline]
+    print(f"{'variant':<24}{'tokens/s':>9}{'x':>7}{'pass s':>8}{'x':>7}{'wall s':>8}{'x':>7}{'peak MiB':>9}{'x':>7}"
+          f"{'padding':>8}")
     for name, r in results.items():
-        print(f"{name:<18}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>7.3f}{r['tokens_per_s']:>11.0f}"
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>7.3f}{r['peak_mib']:>10.0f}"
-              f"{r['peak_mib'] / base['peak_mib']:>7.3f}")
-    print(f"padding fraction (length-grouped): {base['padding']:.3f}")
+        print(f"{name:<24}{r['tokens_per_s']:>9.0f}{r['tokens_per_s'] / base['tokens_per_s']:>7.3f}"
+              f"{r['pass_s']:>8.2f}{r['pass_s'] / base['pass_s']:>7.3f}{r['wall_s']:>8.1f}"
+              f"{r['wall_s'] / base['wall_s']:>7.3f}{r['peak_mib']:>9.0f}{r['peak_mib'] / base['peak_mib']:>7.3f}"
+              f"{r['padding']:>8.3f}")
     print(json.dumps(results))  # last line: machine-readable, for benchmarks/run_all.py
+
+
+def _lengths(shards: Path) -> list[int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return [n for path in sorted(shards.glob("shard-*.parquet"))
+            for n in pc.list_value_length(pq.read_table(path, columns=["input_ids"])["input_ids"]).to_pylist()]
 
 
 if __name__ == "__main__":

@@ -110,8 +110,7 @@ def write_data(rng: random.Random) -> None:
 
 def write_model(rng: random.Random, steps: int = 600) -> None:
     import torch
-
-    from minorsft_core.tiny import build_model, build_tokenizer
+    from tiny_models import build_model, build_tokenizer
 
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)

@@ -79,6 +79,8 @@ class PrecomputeConfig:
         None, help="tokens per forward step. hf: padded tokens per batch, at least --max-seq-len [default: 16384]; "
                    "vllm: max_num_batched_tokens (longer prompts are scored in pieces) [default: as many as keep "
                    "the prompt log-probs' fp32 [tokens, vocab] tensors under 1 GiB, at most 4096]")
+    packing: bool = field(False, help="hf engine: each batch one padding-free row (position ids restart per sample); "
+                                      "pays off with flash-attention, where attention runs per sample")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds) [default: 0.9 on GPU, 0.15 on CPU]")
@@ -119,7 +121,12 @@ class TrainConfig:
     adam_beta2: float = field(0.999, help="AdamW beta2")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0: off)")
     global_batch_size: int = field(64, help="samples per optimizer step, over all ranks (paper: 64)")
-    micro_batch_size: int = field(1, help="samples per rank per forward")
+    micro_batch_size: int = field(1, help="samples per rank per forward (unused with --max-tokens-per-micro-batch)")
+    max_tokens_per_micro_batch: int = field(
+        None, help="token budget of a forward: a micro-batch holds as many samples as fit (padded grid, or packed "
+                   "row with --packing); the global batch stays --global-batch-size samples")
+    packing: bool = field(False, help="padding-free micro-batches: the samples of a micro-batch in one row, each "
+                                      "attending to itself only (position ids restart per sample)")
     epochs: float = field(1.0, help="passes over the data (paper: 1)")
     max_steps: int = field(None, help="stop after this many optimizer steps (overrides --epochs)")
     warmup_ratio: float = field(0.1, help="linear warm-up share of the steps (paper: 0.1), then linear decay")
@@ -147,8 +154,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self)
-        _positive(self, "lr", "global_batch_size", "micro_batch_size", "epochs", "max_steps", "save_steps",
-                  "save_total_limit")
+        _positive(self, "lr", "global_batch_size", "micro_batch_size", "max_tokens_per_micro_batch", "epochs",
+                  "max_steps", "save_steps", "save_total_limit")
         _positive(self, "beta", "drift_tolerance", "coef_tolerance")
         if self.coef_tolerance > 1:
             raise ConfigError(f"coef_tolerance: w_i = 2 sigmoid(-beta delta_i) is within 1 of 1 always; "
@@ -157,7 +164,7 @@ class TrainConfig:
         _positive(self, "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.max_tokens_per_micro_batch is None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"micro_batch_size {self.micro_batch_size}")
         if self.token_normalize and self.loss != "sft":

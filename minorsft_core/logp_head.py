@@ -52,8 +52,9 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 
 
 class AnswerLogps(nn.Module):
-    """``forward(input_ids, attention_mask, completion_mask) -> [B]`` summed fp32 answer
-    log-probs; ``token_logps`` gives them per token, ``[B, T]``.
+    """``forward(input_ids, attention_mask, completion_mask[, position_ids, sample_lengths])
+    -> [B]`` summed fp32 answer log-probs of a padded grid or a packed row
+    (``batching.ModelInputs.as_kwargs()``); ``token_logps`` gives them per token.
 
     ``head="auto"`` uses the hidden-state path when ``output_head`` finds a standard
     head (warning otherwise); ``head="logits"`` always builds full logits (the old path,
@@ -78,17 +79,24 @@ class AnswerLogps(nn.Module):
         """The output projection's weight the hidden-state path uses (None on the logits path)."""
         return self.model.get_output_embeddings().weight if self.uses_hidden_states else None
 
-    def token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    completion_mask: torch.Tensor) -> torch.Tensor:
+    def token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` per-token answer log-probs (``[1, N]`` for a packed row: pass
+        ``position_ids`` restarting at every sample and no ``attention_mask``; see
+        ``batching.pack``)."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if not self.uses_hidden_states:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return losses.token_logps(logits, input_ids, completion_mask)
-        decoded = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return losses.token_logps(self.model(**inputs).logits, input_ids, completion_mask)
+        decoded = self.model.get_decoder()(**inputs)
         head = self.model.get_output_embeddings()
         return losses.token_logps_from_hidden(
             decoded.last_hidden_state, head.weight, input_ids, completion_mask, lm_head_bias=head.bias
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
-        return self.token_logps(input_ids, attention_mask, completion_mask).sum(-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, sample_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` summed answer log-probs; for a packed row, one per entry of ``sample_lengths``."""
+        per_token = self.token_logps(input_ids, attention_mask, completion_mask, position_ids)
+        if sample_lengths is None:
+            return per_token.sum(-1)
+        return losses.packed_sums(per_token[0], sample_lengths)

@@ -246,6 +246,16 @@ def sequence_logps_from_hidden(
     ).sum(-1)
 
 
+def packed_sums(token_logps: torch.Tensor, sample_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sample sums ``[B]`` of a packed row's per-token values ``[N]``, the samples
+    lying end to end with ``sample_lengths [B]`` tokens each (``N = sum``): logp_i of
+    SPEC §2 when every sample sits in its own row. Differentiable."""
+    sample_of_token = torch.repeat_interleave(
+        torch.arange(len(sample_lengths), device=token_logps.device), sample_lengths.to(token_logps.device),
+        output_size=token_logps.shape[0])
+    return token_logps.new_zeros(len(sample_lengths)).index_add(0, sample_of_token, token_logps)
+
+
 def _reduce(per_sample: torch.Tensor, normalizer) -> torch.Tensor:
     """Sum over samples divided by ``normalizer`` (default: the number of samples)."""
     if normalizer is None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from minorsft_core import model_dir, schema
 from minorsft_core.atomic import write_text_atomic
+from minorsft_core.batching import resolve_dtype
 from minorsft_core.config import PrecomputeConfig, save_config
 from minorsft_core.data import Reject, Sample, SampleRenderer, detect_input_format
 from minorsft_core.errors import EXIT_OK, ConfigError, DataError, EngineError, InputError
@@ -109,7 +110,7 @@ def main(config: PrecomputeConfig) -> int:
         engine_version = engines.engine_version(engine_name)
     except ModuleNotFoundError as err:  # an option this environment cannot honour; retrying will not help
         raise ConfigError(str(err)) from err
-    dtype = engines.resolve_dtype(config.dtype)
+    dtype = resolve_dtype(config.dtype)
     if engine_name == "hf" and config.tensor_parallel_size > 1:
         log.warning("--tensor-parallel-size %d: the hf engine runs on one device and ignores it",
                     config.tensor_parallel_size)

@@ -7,17 +7,7 @@ import json
 import random
 
 import pytest
-
-WORDS = (
-    "the a model answer question data train loss token reference policy learn small large "
-    "quick brown fox jumps over lazy dog cat river mountain blue green red number one two three "
-    "four five why how what when where because therefore however and or not is are was were"
-).split()
-
-
-def make_texts(n: int = 400, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))) + "." for _ in range(n)]
+from tiny_models import WORDS, make_texts, save_tiny_model
 
 
 def make_records(n: int, seed: int = 1) -> list[dict]:
@@ -41,8 +31,6 @@ def write_jsonl(path, records) -> None:
 def tiny_model_dir(tmp_path_factory):
     """A Hugging Face directory: random fp32 Qwen2 (2 layers, hidden 64) + BPE tokenizer
     with Qwen2's ChatML template, saved as safetensors."""
-    from minorsft_core.tiny import save_tiny_model
-
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), make_texts(), seed=0)
 
 

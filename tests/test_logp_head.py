@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from minorsft_core.logp_head import AnswerLogps, output_head
-from minorsft_core.losses import token_logps, token_logps_from_hidden
+from minorsft_core.losses import packed_sums, token_logps, token_logps_from_hidden
 
 
 def _batch(batch=3, seq_len=23, vocab=97, seed=0):
@@ -123,3 +125,62 @@ def test_soft_capped_head_falls_back_to_logits_with_a_warning():
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(wrapper(input_ids, attention_mask, completion_mask),
                                token_logps(logits, input_ids, completion_mask).sum(-1))
+
+
+# ---- packed, padding-free rows -------------------------------------------------------------
+
+def _samples(lengths, vocab=131, seed=4):
+    """Samples of the given lengths, each with a prompt of a third of it and an answer after."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    masks = [[0] * max(1, n // 3) + [1] * (n - max(1, n // 3)) for n in lengths]
+    return ids, masks
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("head", ["auto", "logits"])
+def test_packed_row_equals_padded_batch_and_fails_without_restarting_positions(attn, head):
+    """One packed row scores each sample as if alone, over lengths from 2 to 300 tokens:
+    every answer token's log-prob to 1e-5 in fp32, the per-sample sums to fp32 rounding
+    of a ~1,000-nat sum, and the gradients. Negative control: with positions running on
+    across samples transformers sees one sequence, samples attend to their
+    predecessors, and the same comparison fails."""
+    from minorsft_core.batching import pack, pad_right
+
+    model = _qwen2(tie=False, attn_implementation=attn, max_position_embeddings=2048)
+    wrapper = AnswerLogps(model, head=head)
+    lengths = [300, 2, 41, 7, 160]
+    ids, masks = _samples(lengths)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5, -0.7])
+    packed = pack(ids, masks)
+    assert packed.input_ids.shape == (1, sum(lengths)) and packed.attention_mask is None
+    running = dataclasses.replace(packed, position_ids=torch.arange(sum(lengths))[None])
+    results = {}
+    for name, inputs in (("padded", pad_right(ids, masks, pad_token_id=0)), ("packed", packed),
+                         ("positions run on", running)):
+        model.zero_grad()
+        logps = wrapper(**inputs.as_kwargs())
+        (logps * weights).sum().backward()
+        with torch.no_grad():
+            per_token = wrapper.token_logps(inputs.input_ids, inputs.attention_mask, inputs.completion_mask,
+                                            inputs.position_ids)
+        if inputs.sample_lengths is not None:  # the packed row back to one row per sample
+            per_token = torch.nn.utils.rnn.pad_sequence(per_token[0].split(lengths), batch_first=True)
+        results[name] = (logps.detach(), per_token, {n: p.grad.clone() for n, p in model.named_parameters()})
+    padded_logps, padded_tokens, padded_grads = results["padded"]
+    packed_logps, packed_tokens, packed_grads = results["packed"]
+    torch.testing.assert_close(packed_tokens, padded_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-6)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    run_on_tokens = results["positions run on"][1]
+    torch.testing.assert_close(run_on_tokens[0], padded_tokens[0], atol=1e-5, rtol=0)  # the first sees no other
+    assert (run_on_tokens[1:] - padded_tokens[1:]).abs().max() > 1e-2
+
+
+def test_packed_sums_add_each_samples_own_tokens():
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], requires_grad=True)
+    sums = packed_sums(per_token, torch.tensor([2, 1, 3]))
+    assert sums.tolist() == [3.0, 3.0, 15.0]
+    (grad,) = torch.autograd.grad((sums * torch.tensor([1.0, 10.0, 100.0])).sum(), per_token)
+    assert grad.tolist() == [1.0, 1.0, 10.0, 100.0, 100.0, 100.0]

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import make_records, make_texts, write_jsonl
+from tiny_models import save_tiny_model
 
 from minorsft_core import schema
 from minorsft_core.config import PrecomputeConfig
 from minorsft_core.data import BAD_ROLE, BAD_TYPE, EMPTY_ANSWER, INVALID_JSON, MISSING_FIELD, TOO_LONG
 from minorsft_core.errors import EXIT_BAD_INPUT, EXIT_ENGINE, EXIT_USAGE
-from minorsft_core.tiny import save_tiny_model
 from precompute.run import main
 
 pytestmark = pytest.mark.slow
@@ -121,6 +121,14 @@ def hf_out(tiny_model_dir, chat_data, tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module")
+def hf_packed_out(tiny_model_dir, chat_data, tmp_path_factory):
+    """The hf engine with --packing: each batch one padding-free row."""
+    output = tmp_path_factory.mktemp("hf-packed") / "out"
+    assert main(hf_config(tiny_model_dir, chat_data[0], output, packing=True)) == 0
+    return output
+
+
 # ---- values -------------------------------------------------------------------------------
 
 
@@ -143,12 +151,21 @@ def independent_ref_logps(tiny_model_dir, hf_out) -> dict[str, float]:
     return dict(zip(table.column(schema.SAMPLE_ID).to_pylist(), sums, strict=True))
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
-def test_ref_logp_sum_equals_independent_fp32_forward(engine, vllm_out, hf_out, independent_ref_logps):
-    table = read_output(vllm_out[0] if engine == "vllm" else hf_out)
+@pytest.mark.parametrize("engine", ["vllm", "hf", "hf-packed"])
+def test_ref_logp_sum_equals_independent_fp32_forward(engine, request, independent_ref_logps):
+    out = {"vllm": lambda: request.getfixturevalue("vllm_out")[0], "hf": lambda: request.getfixturevalue("hf_out"),
+           "hf-packed": lambda: request.getfixturevalue("hf_packed_out")}[engine]()
+    table = read_output(out)
     assert table.num_rows == 48
     expected = [independent_ref_logps[sample_id] for sample_id in table.column(schema.SAMPLE_ID).to_pylist()]
     np.testing.assert_allclose(table.column(schema.REF_LOGP_SUM).to_numpy(), expected, rtol=0, atol=1e-4)
+
+
+def test_hf_packed_scores_equal_padded(hf_out, hf_packed_out):
+    padded, packed = read_output(hf_out), read_output(hf_packed_out)
+    assert padded.column(schema.SAMPLE_ID).to_pylist() == packed.column(schema.SAMPLE_ID).to_pylist()
+    np.testing.assert_allclose(packed.column(schema.REF_LOGP_SUM).to_numpy(),
+                               padded.column(schema.REF_LOGP_SUM).to_numpy(), rtol=1e-6, atol=1e-5)
 
 
 def test_engines_agree(vllm_out, hf_out):

@@ -25,6 +25,12 @@ def test_length_batches_give_an_overlong_sample_its_own_batch():
     assert length_batches([10, 500, 20], 100) == [[1], [2, 0]]
 
 
+def test_packed_batches_count_tokens_not_the_padded_grid():
+    lengths = [60, 10, 30, 25]
+    assert length_batches(lengths, 100) == [[0], [2, 3, 1]]  # 2 x 60 > 100; 3 x 30 = 90
+    assert length_batches(lengths, 100, packed=True) == [[0, 2], [3, 1]]  # 60 + 30; 25 + 10
+
+
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 7])
 def test_pool_partition_covers_every_row_once(tmp_path, num_workers):
     data = tmp_path / "rows.jsonl"

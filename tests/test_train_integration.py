@@ -140,6 +140,36 @@ def test_two_ranks_with_accumulation_equal_one_rank_full_batch(full_batch_run, t
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def packed_two_rank_run(data, policy, tmp_path_factory):
+    """World 2, packed rows, micro-batches filled to a token budget (varying sample counts)."""
+    output = tmp_path_factory.mktemp("w2-packed")
+    result = _ok(run_train(*_common(data, policy, output, "--packing", "--max-tokens-per-micro-batch", PACK_BUDGET),
+                           ranks=2, timeout=400))
+    assert f"2 ranks x micro-batches of <= {PACK_BUDGET} tokens, packed" in result.stderr
+    return output
+
+
+# Tokens: micro-batches of 2, 2, 3 and 1 of the `data` fixture's samples (61-100 tokens),
+# so one rank runs 5 samples, the other 3.
+PACK_BUDGET = 250
+
+
+def test_packed_token_budget_run_on_two_ranks_equals_padded_full_batch(full_batch_run, packed_two_rank_run):
+    """Packing and token-budget micro-batches change how the global batch is run, not
+    what is trained: the per-step losses, metrics and final weights of one rank with
+    one padded micro-batch."""
+    one, packed = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(packed_two_rank_run / "metrics.jsonl")
+    assert len(one) == len(packed) == 2
+    for a, b in zip(one, packed, strict=True):
+        for key in ("loss", "deviation", "coef_mean", "coef_min", "coef_max", "lr", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        assert b["padding_fraction"] == 0 < a["padding_fraction"]
+    w1, w2 = _weights(full_batch_run / "final"), _weights(packed_two_rank_run / "final")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
+
+
 def _tied_copy(model_dir: Path, output: Path) -> Path:
     """``model_dir`` with its output head tied to the input embedding."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -246,9 +276,10 @@ RESUME_STEPS = 60
 
 
 def _resume_args(data, model, output):
+    # Packed: resuming restores a packed run exactly too (the padded path differs in collate only).
     return ["--data", data, "--model", model, "--output", output, "--global-batch-size", 2, "--micro-batch-size", 1,
             "--max-steps", RESUME_STEPS, "--lr", 1e-3, "--dtype", "float32", "--save-steps", 20,
-            "--save-total-limit", 2]
+            "--save-total-limit", 2, "--packing"]
 
 
 @pytest.fixture(scope="module")

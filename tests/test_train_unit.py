@@ -51,6 +51,25 @@ def test_split_covers_the_global_batch_once_whatever_the_layout():
         assert sorted(np.concatenate([m for micros in plan for m in micros]).tolist()) == rows.tolist()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("budget, world", [(10, 1), (64, 1), (64, 2), (100, 4), (10**6, 2)])
+def test_token_budget_micro_batches_fit_the_budget_and_cover_the_batch_once(budget, world, packed):
+    """Short samples share a micro-batch, long ones get their own; every rank runs as many
+    forwards (ZeRO-3 needs it); a micro-batch over budget holds one sample only."""
+    lengths = np.random.default_rng(0).integers(2, 70, size=32)
+    rows = np.random.default_rng(1).permutation(32)
+    plan = split_global_batch(rows, lengths, Layout(32, 1, world, max_tokens=budget, packed=packed))
+    micros = [m for per_rank in plan for m in per_rank]
+    assert len(plan) == world and len({len(per_rank) for per_rank in plan}) == 1
+    assert sorted(np.concatenate(micros).tolist()) == list(range(32))
+    cost = [int(lengths[m].sum()) if packed else int(lengths[m].max()) * len(m) for m in micros]
+    assert all(c <= budget or len(m) == 1 for c, m in zip(cost, micros, strict=True))
+    if budget >= 64:
+        assert max(len(m) for m in micros) > 1
+    if budget == 10**6:
+        assert len(micros) == world
+
+
 def test_layout_refuses_a_global_batch_the_ranks_cannot_split():
     with pytest.raises(ValueError, match="not a multiple"):
         Layout(12, 4, 2)
@@ -62,13 +81,15 @@ def test_layout_refuses_a_global_batch_the_ranks_cannot_split():
 @pytest.mark.parametrize("loss, token_normalize", [("minorsft", False), ("sft", False), ("sft", True),
                                                    ("dpo_sft", False)])
 def test_normalizer_makes_split_gradient_equal_full_batch(loss, token_normalize, tmp_path):
-    """Emulate DeepSpeed: each micro loss is divided by the accumulation steps A in
-    backward and the gradients are averaged over W ranks. With the trainer's normaliser
-    the summed gradient and logged loss equal the full-batch SPEC §2 mean."""
+    """Emulate DeepSpeed as the loop drives it (no division by accumulation steps,
+    gradients averaged over W ranks). Whatever the split (fixed micro-batches, or token
+    budgets of varying sample counts, padded or packed) the summed gradient and logged
+    loss equal the full-batch SPEC §2 mean."""
     config = TrainConfig(data="d", model="m", output="o", loss=loss, token_normalize=token_normalize)
     gen = torch.Generator().manual_seed(0)
     n = 8
     answer_len_np = np.array([3, 17, 5, 40, 1, 9, 22, 6])
+    lengths = answer_len_np + 10
     answer_len = torch.tensor(answer_len_np, dtype=torch.float32)
     policy = (-answer_len * (1 + torch.rand(n, generator=gen))).double().requires_grad_()
     ref = policy.detach() + torch.randn(n, generator=gen, dtype=torch.float64) * 5
@@ -77,19 +98,23 @@ def test_normalizer_makes_split_gradient_equal_full_batch(loss, token_normalize,
     full = compute_loss(config, policy, ref, answer_len, normalizer(config, rows, answer_len_np, Layout(n, n, 1)))
     (full_grad,) = torch.autograd.grad(full, policy)
 
-    layout = Layout(n, micro=2, world=2)
-    norm = normalizer(config, rows, answer_len_np, layout)
-    grad = torch.zeros(n, dtype=torch.float64)
-    logged = 0.0
-    for micros in split_global_batch(rows, answer_len_np, layout):
-        for micro_rows in micros:
-            idx = torch.as_tensor(micro_rows)
-            micro_loss = compute_loss(config, policy[idx], ref[idx], answer_len[idx], norm)
-            (g,) = torch.autograd.grad(micro_loss / layout.accumulation, policy)
-            grad += g / layout.world
-            logged += micro_loss.item()
-    torch.testing.assert_close(grad, full_grad, rtol=1e-12, atol=1e-15)
-    assert logged / (layout.accumulation * layout.world) == pytest.approx(full.item(), rel=1e-12)
+    for layout in (Layout(n, micro=2, world=2), Layout(n, micro=1, world=1, max_tokens=60, packed=True),
+                   Layout(n, micro=1, world=2, max_tokens=60), Layout(n, micro=1, world=2, max_tokens=500)):
+        plan = split_global_batch(rows, lengths, layout)
+        sizes = sorted(len(m) for micros in plan for m in micros)
+        assert len({len(micros) for micros in plan}) == 1  # every rank runs as many forwards
+        norm = normalizer(config, rows, answer_len_np, layout)
+        grad = torch.zeros(n, dtype=torch.float64)
+        logged = 0.0
+        for micros in plan:
+            for micro_rows in micros:
+                idx = torch.as_tensor(micro_rows)
+                micro_loss = compute_loss(config, policy[idx], ref[idx], answer_len[idx], norm)
+                (g,) = torch.autograd.grad(micro_loss, policy)
+                grad += g / layout.world
+                logged += micro_loss.item()
+        torch.testing.assert_close(grad, full_grad, rtol=1e-12, atol=1e-15, msg=str((layout, sizes)))
+        assert logged / layout.world == pytest.approx(full.item(), rel=1e-12)
     if token_normalize:
         expected = -policy.detach().sum() / answer_len.sum()
     elif loss == "sft":

@@ -1,4 +1,5 @@
-"""Stage-one shards to padded micro-batches, in a deterministic, length-grouped order.
+"""Stage-one shards to micro-batches (right-padded, or packed into one padding-free row),
+in a deterministic, length-grouped order.
 
 The plan of an optimizer step (which samples, split into which micro-batches, on
 which rank) is a pure function of the seed, the epoch and the step's position in it,
@@ -15,8 +16,10 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
+from minorsft_core.batching import ModelInputs, pack, pad_right, token_budget_groups
 from minorsft_core.errors import ConfigError
 from minorsft_core.schema import ANSWER_LEN, COMPLETION_MASK, INPUT_IDS, REF_LOGP_SUM, ScannedOutput
 
@@ -46,29 +49,35 @@ def open_shards(scanned: ScannedOutput, cache_dir: str | Path | None, columns=TR
 
 
 def sequence_lengths(dataset) -> np.ndarray:
-    """Token count of every row, read from the Arrow list offsets (no row is decoded)."""
-    column = dataset.data.column(INPUT_IDS).combine_chunks()
-    return column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    """Token count of every row, from the Arrow list offsets of each chunk: no token id
+    is read or copied (``combine_chunks`` would copy them all into RAM on every rank)."""
+    return pc.list_value_length(dataset.data.column(INPUT_IDS)).to_numpy().astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a global batch is cut: ``world * accumulation`` micro-batches of ``micro`` samples."""
+    """How a global batch is cut: ``world * accumulation`` micro-batches of ``micro``
+    samples, or (``max_tokens``) micro-batches of as many samples as fit that many tokens."""
 
     global_batch: int
     micro: int
     world: int
+    max_tokens: int | None = None  # token budget of a micro-batch; its sample count then varies
+    packed: bool = False  # a micro-batch is one padding-free row (costs its tokens, not count x longest)
 
     def __post_init__(self):
-        if self.global_batch % (self.micro * self.world):
+        unit, what = (self.world, "") if self.max_tokens else (self.micro * self.world, f"micro batch {self.micro} x ")
+        if self.global_batch % unit:
             raise ConfigError(
-                f"global batch {self.global_batch} is not a multiple of micro batch {self.micro} x "
-                f"{self.world} ranks; pick --global-batch-size, --micro-batch-size and the rank count so it is"
+                f"global batch {self.global_batch} is not a multiple of {what}{self.world} ranks; pick "
+                "--global-batch-size, --micro-batch-size and the rank count so it is"
             )
 
     @property
     def accumulation(self) -> int:
-        return self.global_batch // (self.micro * self.world)
+        """Micro-batches per rank per step with a fixed micro size (1 with a token budget,
+        where the count varies by step: what DeepSpeed's config is told)."""
+        return 1 if self.max_tokens else self.global_batch // (self.micro * self.world)
 
 
 def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -97,15 +106,28 @@ def split_global_batch(rows: np.ndarray, lengths: np.ndarray, layout: Layout) ->
 
     Rows are length-sorted inside a global batch, so consecutive micro-batches pad
     little; micro-batch k goes to rank k % world, so every rank gets the same mix of
-    long and short ones (and takes about the same time per step).
+    long and short ones (and takes about the same time per step). With a token budget
+    the micro-batches are filled greedily (``token_budget_groups``); every rank must
+    run as many forwards as the others (ZeRO-3 gathers parameters in each), so the
+    largest micro-batches are halved until their count divides by the rank count.
     """
     rows = rows[np.argsort(-lengths[rows], kind="stable")]
-    micros = [rows[k:k + layout.micro] for k in range(0, len(rows), layout.micro)]
+    if layout.max_tokens is None:
+        micros = [rows[k:k + layout.micro] for k in range(0, len(rows), layout.micro)]
+    else:
+        groups = token_budget_groups(lengths[rows].tolist(), layout.max_tokens, packed=layout.packed)
+        micros = [rows[group[0]:group[-1] + 1] for group in groups]
+        while len(micros) % layout.world:
+            widest = max(range(len(micros)), key=lambda k: len(micros[k]))
+            half = (len(micros[widest]) + 1) // 2
+            micros[widest:widest + 1] = [micros[widest][:half], micros[widest][half:]]
     return [micros[rank::layout.world] for rank in range(layout.world)]
 
 
-def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float:
-    """Share of the padded token grid, over all ranks' micro-batches, that is padding."""
+def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray, packed: bool = False) -> float:
+    """Share of the token grid, over all ranks' micro-batches, that is padding (0 packed)."""
+    if packed:
+        return 0.0
     real = padded = 0
     for micros in plan:
         for rows in micros:
@@ -116,37 +138,27 @@ def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float
 
 @dataclasses.dataclass
 class MicroBatch:
-    """Right-padded tensors of one micro-batch: ``[B, T]`` grids and ``[B]`` vectors."""
+    """One micro-batch: the model's inputs (a ``[B, T]`` padded grid or a ``[1, N]``
+    packed row, ``batching.ModelInputs``) and the ``[B]`` per-sample vectors."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
+    inputs: ModelInputs
     answer_len: torch.Tensor
     ref_logp_sum: torch.Tensor
 
     def to(self, device) -> MicroBatch:
-        return MicroBatch(*(t.to(device) for t in dataclasses.astuple(self)))
+        return MicroBatch(self.inputs.to(device), self.answer_len.to(device), self.ref_logp_sum.to(device))
 
 
-def collate(dataset, rows: np.ndarray, pad_token_id: int) -> MicroBatch:
-    return pad_records(dataset[[int(r) for r in rows]], pad_token_id)
+def collate(dataset, rows: np.ndarray, pad_token_id: int, *, packed: bool = False) -> MicroBatch:
+    return batch_records(dataset[[int(r) for r in rows]], pad_token_id, packed=packed)
 
 
-def pad_records(records: dict[str, list], pad_token_id: int) -> MicroBatch:
-    """Right-pad a batch given column-wise (``TRAIN_COLUMNS`` -> one list per column)."""
-    size = len(records[INPUT_IDS])
-    width = max(len(ids) for ids in records[INPUT_IDS])
-    input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((size, width), dtype=torch.long)
-    completion_mask = torch.zeros((size, width), dtype=torch.long)
-    for b, (ids, mask) in enumerate(zip(records[INPUT_IDS], records[COMPLETION_MASK], strict=True)):
-        input_ids[b, :len(ids)] = torch.as_tensor(ids)
-        attention_mask[b, :len(ids)] = 1
-        completion_mask[b, :len(mask)] = torch.as_tensor(mask)
+def batch_records(records: dict[str, list], pad_token_id: int, *, packed: bool = False) -> MicroBatch:
+    """A batch given column-wise (``TRAIN_COLUMNS`` -> one list per column), right-padded or packed."""
+    inputs = pack(records[INPUT_IDS], records[COMPLETION_MASK]) if packed else \
+        pad_right(records[INPUT_IDS], records[COMPLETION_MASK], pad_token_id)
     return MicroBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        completion_mask=completion_mask,
+        inputs=inputs,
         answer_len=torch.as_tensor(records[ANSWER_LEN], dtype=torch.float32),
         # float64 as stored: a 4,000-token sum of ~-5,000 nats keeps its last digits.
         ref_logp_sum=torch.as_tensor(records[REF_LOGP_SUM], dtype=torch.float64),

@@ -90,12 +90,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if ON_GPU else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> dict:
     """The DeepSpeed config of the policy. The user's ``--deepspeed`` JSON keeps its ZeRO
     and offload settings; batch sizes, precision, clipping and optimizer always come from

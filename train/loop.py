@@ -1,13 +1,15 @@
 """The training loop: batch -> policy logps -> loss -> backward -> step -> log.
 
 Normalisation (SPEC §2: the step's loss and gradient are the mean over the *global*
-batch). DeepSpeed's ``engine.backward`` divides each micro-batch's loss by the
-accumulation steps A, and its gradient reduction averages over the W ranks. So a
-micro-batch's loss must be ``sum_i l_i / (count / (A * W))``, where ``count`` is
-the global batch's sample count (or answer-token count for token-normalised SFT):
-then the update's gradient is ``(1 / count) * sum_i grad l_i`` whatever the split.
-The counts come from the data plan every rank computes alike; the loss functions
-stay pure and take them through ``normalizer``.
+batch). A step's micro-batch count per rank may vary (``--max-tokens-per-micro-batch``),
+so the loop, not DeepSpeed's fixed ``gradient_accumulation_steps``, owns the
+accumulation window: it marks the last micro-batch as the boundary and asks
+``engine.backward`` not to divide by the accumulation steps. The gradient reduction
+averages over the W ranks. So a micro-batch's loss must be ``sum_i l_i / (count / W)``,
+where ``count`` is the global batch's sample count (or answer-token count for
+token-normalised SFT): then the update's gradient is ``(1 / count) * sum_i grad l_i``
+whatever the split. The counts come from the data plan every rank computes alike; the
+loss functions stay pure and take them through ``normalizer``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _EXTREMES = ("coef_max", "neg_coef_min", "abs_deviation_max")
 def normalizer(config, rows: np.ndarray, answer_len: np.ndarray, layout: Layout) -> float:
     """What each micro-batch's summed loss is divided by (see the module docstring)."""
     count = float(answer_len[rows].sum()) if config.token_normalize else float(len(rows))
-    return count / (layout.accumulation * layout.world)
+    return count / layout.world
 
 
 def compute_loss(config, policy_logps, ref_logp_sum, answer_len, norm) -> torch.Tensor:
@@ -143,17 +145,17 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
         extremes = torch.full((len(_EXTREMES),), -float("inf"), dtype=torch.float64)
         micros = plan[run.rank]
         for slot, micro_rows in enumerate(micros):
-            batch = collate(run.dataset, micro_rows, run.pad_token_id).to(run.device)
-            policy_logps = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  completion_mask=batch.completion_mask)  # [B] fp32, see logp_head
+            batch = collate(run.dataset, micro_rows, run.pad_token_id, packed=config.packing).to(run.device)
+            engine.set_gradient_accumulation_boundary(slot == len(micros) - 1)  # this rank's window ends here
+            policy_logps = engine(**batch.inputs.as_kwargs())  # [B] fp32, see logp_head
             ref_logp_sum = batch.ref_logp_sum if run.score_reference is None else run.score_reference(batch)
             loss = compute_loss(config, policy_logps, ref_logp_sum, batch.answer_len, norm)
-            engine.backward(loss)
+            engine.backward(loss, scale_wrt_gas=False)  # `norm` already divides (module docstring)
             micro_sums, micro_extremes = _micro_stats(config, loss, policy_logps, ref_logp_sum, batch.answer_len)
             sums += micro_sums
             extremes = torch.maximum(extremes, micro_extremes)
             if slot < len(micros) - 1:
-                engine.step()  # DeepSpeed counts micro-steps; only the window's last one updates
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         sums[_SUMS.index("stop")] = float(run.stop_requested())
         total, extreme = _global_stats(sums, extremes, run.device)
         agreement = agreement_with_reference(total, extreme)
@@ -170,7 +172,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
         real_tokens = int(run.lengths[rows].sum())
         metrics = {
             "step": step,
-            "loss": total["loss"] / (layout.accumulation * layout.world),
+            "loss": total["loss"] / layout.world,
             **agreement,
             "policy_logp_per_token": total["policy_logp"] / total["answer_tokens"],
             "ref_logp_per_token": total["ref_logp"] / total["answer_tokens"],
@@ -178,7 +180,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "samples_per_s": len(rows) / elapsed,
             "tokens_per_s": real_tokens / elapsed,
-            "padding_fraction": padding_fraction(plan, run.lengths),
+            "padding_fraction": padding_fraction(plan, run.lengths, packed=config.packing),
         }
         log.log(metrics)
         if total["stop"] > 0:

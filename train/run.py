@@ -167,7 +167,8 @@ def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
 
     from train.data import Layout
 
-    Layout(config.global_batch_size, config.micro_batch_size, world_size)
+    Layout(config.global_batch_size, config.micro_batch_size, world_size,
+           max_tokens=config.max_tokens_per_micro_batch, packed=config.packing)
     json_stage = "auto"
     if config.deepspeed:
         try:
@@ -250,8 +251,10 @@ def _write_summary(path: Path, summary: dict) -> None:
 
 
 def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
+    import torch
     import torch.distributed as dist
 
+    from minorsft_core.batching import resolve_dtype
     from train import engine as ds
     from train.data import Layout, open_shards, sequence_lengths
     from train.loop import COMPLETED, DRIFTED, PREEMPTED, Run, fit
@@ -261,8 +264,9 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     output = Path(config.output)
     stop = _StopFlag()
     rank, world, device = ds.init_distributed()
-    layout = Layout(config.global_batch_size, config.micro_batch_size, world)
     checkpoint_root = output / "checkpoints"
+    layout = Layout(config.global_batch_size, config.micro_batch_size, world,
+                    max_tokens=config.max_tokens_per_micro_batch, packed=config.packing)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
@@ -274,8 +278,10 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     lengths = sequence_lengths(dataset)
     answer_len = dataset.data.column(ANSWER_LEN).to_numpy()
     steps_per_epoch, total_steps, warmup_steps = plan_steps(config, len(lengths))
-    dtype = ds.resolve_dtype(config.dtype)
-    ds_config = ds.ds_config(config, micro=layout.micro, accumulation=layout.accumulation, dtype=dtype)
+    dtype = getattr(torch, resolve_dtype(config.dtype))
+    # DeepSpeed's batch keys only have to multiply out; the loop owns accumulation (train.loop).
+    ds_config = ds.ds_config(config, micro=layout.global_batch // (layout.accumulation * world),
+                             accumulation=layout.accumulation, dtype=dtype)
     _check_resumable_layout(resume, ds_config["zero_optimization"]["stage"], world)
     ds.prepare_resume(checkpoint_root, resume, ds_config)
     engine = ds.load_policy(config, ds_config, dtype, total_steps=total_steps, warmup_steps=warmup_steps)
@@ -286,8 +292,8 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     start_step = ds.load_checkpoint(engine, checkpoint_root, resume)
     if rank == 0:
         _say(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {len(lengths)} samples, "
-             f"{total_steps} steps of {layout.global_batch} = {world} ranks x {layout.accumulation} accumulation "
-             f"x {layout.micro} micro, loss {config.loss}, ZeRO-{ds_config['zero_optimization']['stage']}, {dtype}")
+             f"{total_steps} steps of {layout.global_batch} = {_split(layout)}, {'packed' if layout.packed else 'padded'}"
+             f", loss {config.loss}, ZeRO-{ds_config['zero_optimization']['stage']}, {dtype}")
     log = MetricsLog(output, enabled=rank == 0, total_steps=total_steps, resume_step=start_step, config=config)
     run = Run(
         config=config, engine=engine, dataset=dataset, lengths=lengths, answer_len=answer_len, layout=layout,
@@ -307,7 +313,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     summary = {
         "status": status, "exit_code": {COMPLETED: EXIT_OK, PREEMPTED: EXIT_PREEMPTED, DRIFTED: EXIT_DRIFT}[status],
         "step": last_step, "total_steps": total_steps, "last_metrics": metrics,
-        "world_size": world, "gradient_accumulation_steps": layout.accumulation, "dtype": str(dtype),
+        "world_size": world, "gradient_accumulation_steps": None if layout.max_tokens else layout.accumulation, "dtype": str(dtype),
         "samples": len(lengths), "rows_rejected_by_stage_one": scanned.rows_rejected,
         "reference_fingerprint": scanned.metadata.reference_fingerprint, "seconds": time.time() - started,
         "final_model": str(output / "final") if status == COMPLETED else None,
@@ -344,6 +350,10 @@ def _check_resumable_layout(resume: dict | None, zero_stage: int, world: int) ->
         raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written by {resume['world_size']} ranks "
                           f"with ZeRO-{zero_stage}, this run has {world}: only ZeRO-3 checkpoints resume on another "
                           f"number of ranks. Resume on {resume['world_size']} ranks, or start fresh with a new --output")
+def _split(layout) -> str:
+    if layout.max_tokens:
+        return f"{layout.world} ranks x micro-batches of <= {layout.max_tokens} tokens"
+    return f"{layout.world} ranks x {layout.accumulation} accumulation x {layout.micro} micro"
 
 
 def _peak_memory_mib() -> float:
@@ -377,7 +387,6 @@ def _online_reference(reference_engine):
 
     @torch.no_grad()
     def score(batch):
-        return reference_engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                completion_mask=batch.completion_mask).double()
+        return reference_engine(**batch.inputs.as_kwargs()).double()
 
     return score

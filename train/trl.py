@@ -4,7 +4,7 @@ loss is ``minorsft_core.losses`` on each sample's precomputed reference log-prob
 The path through it: ``load_shards`` checks a stage-one directory exactly as
 ``minorsft train`` does (``train.stage_one``) and returns it as a pre-tokenized
 ``datasets.Dataset`` that remembers which run wrote it; ``MinorSFTTrainer`` refuses a
-tokenizer that differs from that run's, pads batches with ``train.data.pad_records``
+tokenizer that differs from that run's, pads batches with ``train.data.batch_records``
 (so ``ref_logp_sum`` and ``answer_len`` reach the loss), and computes the loss and the
 metrics of ``train.loop``.
 
@@ -49,7 +49,7 @@ from minorsft_core.schema import (
     SAMPLE_ID,
     ShardMetadata,
 )
-from train.data import TRAIN_COLUMNS, open_shards, pad_records
+from train.data import TRAIN_COLUMNS, batch_records, open_shards
 from train.loop import _EXTREMES, _SUMS, _micro_stats, agreement_with_reference, compute_loss, parity_failures
 from train.stage_one import check_tokenizer, scan_stage_one
 
@@ -154,8 +154,11 @@ class MinorSFTCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_records({column: [e[column] for e in examples] for column in TRAIN_COLUMNS}, self.pad_token_id)
-        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        batch = batch_records({column: [e[column] for e in examples] for column in TRAIN_COLUMNS}, self.pad_token_id)
+        inputs = batch.inputs
+        return {INPUT_IDS: inputs.input_ids, "attention_mask": inputs.attention_mask,
+                COMPLETION_MASK: inputs.completion_mask, ANSWER_LEN: batch.answer_len,
+                REF_LOGP_SUM: batch.ref_logp_sum}
 
 
 @dataclasses.dataclass

@@ -1,15 +1,29 @@
-"""Tiny Qwen2-shaped models and ChatML tokenizers built locally (no model hub).
+"""Tiny Qwen2-shaped models and ChatML tokenizers built locally (no model hub), and the
+word list their tokenizers are trained on: a recipe of the tests' fixtures, the
+benchmarks and the bundled default (``make_default.py``), not part of the package.
 
-Used by the tests' fixtures, the benchmarks and the bundled default in ``data/``.
-torch and transformers are imported inside the functions so that importing
-``minorsft_core`` stays cheap.
+Import it with this folder on ``sys.path`` (pytest's ``pythonpath`` has it; scripts
+here and in ``benchmarks/`` insert it).
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterable
 from pathlib import Path
+
+WORDS = (
+    "the a model answer question data train loss token reference policy learn small large "
+    "quick brown fox jumps over lazy dog cat river mountain blue green red number one two three "
+    "four five why how what when where because therefore however and or not is are was were"
+).split()
+
+
+def make_texts(n: int = 400, seed: int = 0) -> list[str]:
+    """Sentences of 4 to 30 of ``WORDS``: a corpus to train a tiny tokenizer on."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))) + "." for _ in range(n)]
 
 # Qwen2-Instruct's chat template (ChatML, with its default system prompt).
 CHATML_TEMPLATE = (
