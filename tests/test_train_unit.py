@@ -346,7 +346,11 @@ def test_op_builds_go_into_the_environment_unless_the_user_chose(monkeypatch, tm
 
     from train.ds_ops import use_environment_build_dir
 
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    # setenv first so that monkeypatch restores the variable's state, unset included: the
+    # function sets it, and a leak would make every later trainer child of this pytest
+    # process rebuild DeepSpeed's op into tmp_path (minutes of CPU).
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "unset-below")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     assert use_environment_build_dir() == tmp_path / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
