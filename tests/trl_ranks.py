@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# What pytest's `pythonpath` gives the tests: this file runs under torchrun, outside pytest.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "data")]
 
 from test_trl import _trainer  # noqa: E402
 
