@@ -80,7 +80,7 @@ class PrecomputeConfig:
                    "vllm: max_num_batched_tokens (longer prompts are scored in pieces) [default: as many as keep "
                    "the prompt log-probs' fp32 [tokens, vocab] tensors under 1 GiB, at most 4096]")
     packing: bool = field(False, help="hf engine: each batch one padding-free row (position ids restart per sample); "
-                                      "pays off with flash-attention, where attention runs per sample")
+                                      "meant for flash-attention, where attention runs per sample (unmeasured)")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds) [default: 0.9 on GPU, 0.15 on CPU]")
