@@ -85,14 +85,18 @@ def step_stats(steps: list[dict], wall_s: float, peak_mib: float) -> dict:
     }
 
 
+def _env() -> dict:
+    """Every variant's environment: the same OMP_NUM_THREADS (``--threads``, set in ``main``)."""
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false")
+
+
 def run_ours(name: str, common: list, workdir: Path, global_batch: int) -> dict:
     output = workdir / name
     shutil.rmtree(output, ignore_errors=True)  # a fresh run each round, not a resume
     minorsft = str(Path(sys.executable).with_name("minorsft"))
     started = time.perf_counter()
     result = subprocess.run([minorsft, "train", *map(str, common), "--output", str(output), *OURS[name]],
-                            cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-                            capture_output=True, text=True)
+                            cwd=REPO, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -112,7 +116,7 @@ def run_trl(name: str, args, model: Path, shards: Path, workdir: Path) -> dict:
          "--output", str(output), "--global-batch-size", str(args.global_batch_size),
          "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps), "--dtype", args.dtype,
          "--lr", str(args.lr), "--attn-implementation", args.attn_implementation, *TRL[name]],
-        cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), capture_output=True, text=True)
+        cwd=REPO, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -145,6 +149,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="the variant ratios are to (default: the first)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the fastest is reported")
     parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="OMP_NUM_THREADS of every variant's process (default: all cores)")
     args = parser.parse_args()
     if args.against_trl:
         args.variants = ",".join(AGAINST_TRL)
@@ -152,7 +158,9 @@ def main() -> None:
     baseline = args.baseline or variants[0]
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         model = save_tiny_model(workdir / "model", make_texts(2000), vocab_size=args.vocab,
@@ -171,7 +179,9 @@ def main() -> None:
 
     print(f"{args.samples} samples of {min(lengths)}-{max(lengths)} tokens, global batch {args.global_batch_size}"
           f" = micro {args.micro_batch_size} x {args.global_batch_size // args.micro_batch_size}, {args.steps} steps,"
-          f" {args.dtype}, {args.device}, {args.repeats} interleaved rounds; ratios to {baseline}")
+          f" {args.dtype}, {args.device}, {args.threads} threads, {args.repeats} interleaved rounds;"
+          f" ratios to {baseline}; 1-min load average {load_at_start:.1f} at the start,"
+          f" {os.getloadavg()[0]:.1f} at the end")
     base = results[baseline]
     print(f"{'variant':<24}{'tokens/s':>9}{'x':>7}{'pass s':>8}{'x':>7}{'wall s':>8}{'x':>7}{'peak MiB':>9}{'x':>7}"
           f"{'padding':>8}")

@@ -51,6 +51,19 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def varlen_kwargs(sample_lengths: torch.Tensor) -> dict:
+    """Flash-attention's varlen arguments for a packed row of samples ``sample_lengths``
+    long: cumulative boundaries ``[0, n_0, n_0 + n_1, ...]`` (int32) and the longest
+    sample, as transformers' ``FlashAttentionKwargs`` take them. Given once per forward,
+    they spare every layer re-deriving them from the position ids, which costs a few
+    host-device syncs per layer (``modeling_flash_attention_utils._is_packed_sequence``,
+    ``prepare_fa_kwargs_from_position_ids``)."""
+    boundaries = nn.functional.pad(sample_lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = int(sample_lengths.max())  # one sync per forward, not per layer
+    return {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries, "max_length_q": longest,
+            "max_length_k": longest}
+
+
 class AnswerLogps(nn.Module):
     """``forward(input_ids, attention_mask, completion_mask[, position_ids, sample_lengths])
     -> [B]`` summed fp32 answer log-probs of a padded grid or a packed row
@@ -80,11 +93,14 @@ class AnswerLogps(nn.Module):
         return self.model.get_output_embeddings().weight if self.uses_hidden_states else None
 
     def token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    sample_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T]`` per-token answer log-probs (``[1, N]`` for a packed row: pass
-        ``position_ids`` restarting at every sample and no ``attention_mask``; see
-        ``batching.pack``)."""
+        ``position_ids`` restarting at every sample, ``sample_lengths`` and no
+        ``attention_mask``; see ``batching.pack``)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if sample_lengths is not None and "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
+            inputs.update(varlen_kwargs(sample_lengths))
         if not self.uses_hidden_states:
             return losses.token_logps(self.model(**inputs).logits, input_ids, completion_mask)
         decoded = self.model.get_decoder()(**inputs)
@@ -96,7 +112,7 @@ class AnswerLogps(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, sample_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` summed answer log-probs; for a packed row, one per entry of ``sample_lengths``."""
-        per_token = self.token_logps(input_ids, attention_mask, completion_mask, position_ids)
+        per_token = self.token_logps(input_ids, attention_mask, completion_mask, position_ids, sample_lengths)
         if sample_lengths is None:
             return per_token.sum(-1)
         return losses.packed_sums(per_token[0], sample_lengths)

@@ -78,3 +78,32 @@ def test_train_bf16_on_cuda_tracks_cpu_fp32(data, tiny_model_dir, tmp_path, monk
     assert on_gpu[0]["abs_deviation"] < 0.05  # mean |delta_i| / m_i: bf16 policy vs fp32 reference
     for a, b in zip(on_gpu, on_cpu, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+
+
+def test_packed_row_under_flash_attention_equals_padded_batch():
+    """--packing on a GPU: flash-attention's varlen kernel, given the boundaries once per
+    forward (``logp_head.varlen_kwargs``), scores each sample of a packed row as the padded
+    batch does (bf16, to bf16 precision). Needs flash-attn installed besides CUDA."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from minorsft_core.batching import pack, pad_right
+    from minorsft_core.logp_head import AnswerLogps
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    lengths = [700, 3, 90, 17, 400]
+    ids = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in lengths]
+    masks = [[0] * (n // 3) + [1] * (n - n // 3) for n in lengths]
+    for attn in ("sdpa", "flash_attention_2"):
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16).cuda()
+        model.load_state_dict(results.get("weights") or model.state_dict())
+        results.setdefault("weights", {k: v.clone() for k, v in model.state_dict().items()})
+        wrapper = AnswerLogps(model)
+        inputs = pack(ids, masks) if attn.startswith("flash") else pad_right(ids, masks, pad_token_id=0)
+        with torch.no_grad():
+            results[attn] = wrapper(**inputs.to("cuda").as_kwargs()).float()
+    torch.testing.assert_close(results["flash_attention_2"], results["sdpa"], atol=0.5, rtol=2e-3)

@@ -178,6 +178,24 @@ def test_packed_row_equals_padded_batch_and_fails_without_restarting_positions(a
     assert (run_on_tokens[1:] - padded_tokens[1:]).abs().max() > 1e-2
 
 
+def test_varlen_kwargs_equal_what_transformers_derives_from_the_position_ids():
+    """The flash-attention varlen arguments given once per packed forward are the ones
+    transformers would otherwise re-derive from the position ids in every layer."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from minorsft_core.batching import pack
+    from minorsft_core.logp_head import varlen_kwargs
+
+    packed = pack(*_samples([300, 2, 41, 7, 160]))
+    given = varlen_kwargs(packed.sample_lengths)
+    (cu_q, cu_k), (longest_q, longest_k) = prepare_fa_kwargs_from_position_ids(packed.position_ids)
+    for name, derived in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+        assert given[name].dtype == derived.dtype == torch.int32
+        assert given[name].tolist() == derived.tolist() == [0, 300, 302, 343, 350, 510]
+    assert given["max_length_q"] == given["max_length_k"] == int(longest_q) == int(longest_k) == 300
+    assert isinstance(given["max_length_q"], int)  # flash-attn wants a host int, not a device tensor
+
+
 def test_packed_sums_add_each_samples_own_tokens():
     per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], requires_grad=True)
     sums = packed_sums(per_token, torch.tensor([2, 1, 3]))
