@@ -45,12 +45,15 @@ OURS = {
     "minorsft+online": ["--loss", "minorsft", "--reference", "online"],
     "sft+packing": ["--loss", "sft", "--packing"],
     "minorsft+packing": ["--loss", "minorsft", "--packing"],
+    "sft+zero2": ["--loss", "sft", "--zero-stage", "2"],
+    "minorsft+zero2": ["--loss", "minorsft", "--zero-stage", "2"],
     "sft+packing+zero2": ["--loss", "sft", "--packing", "--zero-stage", "2"],
     "minorsft+packing+zero2": ["--loss", "minorsft", "--packing", "--zero-stage", "2"],
 }
 TRL = {"trl-sft": [], "trl-sft+padding-free": ["--padding-free"]}
 DEFAULT_VARIANTS = ("sft", "minorsft", "dpo_sft", "minorsft+online")
-AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing")
+AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing", "sft+zero2",
+               "minorsft+zero2")
 
 
 def make_records(n: int, max_words: int, seed: int = 0) -> list[dict]:
