@@ -385,3 +385,34 @@ def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
     wait_for_build_lock(live, stale_after_s=300, poll_s=0.05, say=said.append)
     assert time.monotonic() - started >= 0.4
     assert len(said) == 1 and "waiting for another process's build" in said[0] and str(live / "lock") in said[0]
+
+
+def test_a_group_of_one_chooses_another_port_when_its_port_is_taken(tmp_path):
+    """`minorsft train` run directly picks a free port for its one-rank group; another
+    process can take it before the group listens (two trainers starting side by side).
+    Here a listening socket really holds the first port chosen: the group comes up on
+    the next one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "group_of_one.py"
+    script.write_text(
+        "import socket, sys\n"
+        "import train.engine as engine\n"
+        "held = socket.socket(); held.bind(('127.0.0.1', 0)); held.listen()\n"
+        "ports = iter([held.getsockname()[1]])\n"
+        "free = engine._free_port\n"
+        "engine._free_port = lambda: next(ports, None) or free()\n"
+        "rank, world, device = engine.init_distributed()\n"
+        "print('group', rank, world, device, 'held', held.getsockname()[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "group 0 1 cpu held" in result.stdout
+    held = result.stdout.split()[-1]
+    assert f"port {held} was taken before the group could listen on it" in result.stderr

@@ -66,6 +66,22 @@ def deepspeed_arch_list(arch_list: str) -> str:
     return ";".join(kept)
 
 
+def _create_group_of_one(attempts: int = 5) -> None:
+    """A one-rank group on a free local port. The port is free when chosen, but another
+    process can take it before the group's store listens on it (two trainers starting
+    side by side hit ``EADDRINUSE``); then choose another."""
+    for attempt in range(1, attempts + 1):
+        os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
+            return
+        except dist.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error) or attempt == attempts:
+                raise
+            print(f"minorsft: port {os.environ['MASTER_PORT']} was taken before the group could listen on it; "
+                  "choosing another", file=sys.stderr, flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,18 +90,21 @@ def _free_port() -> int:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join (or, alone, create) the process group; return ``(rank, world_size, device)``."""
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         # `minorsft train` run directly: a group of one, so the same code path (ZeRO-3,
         # collectives) runs everywhere.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if ON_GPU:
         torch.cuda.set_device(local_rank)
         if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # read by DeepSpeed's JIT build of fused Adam
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     prepare_builds()  # on CPU the group's set-up JIT-builds DeepSpeed's communication op
-    deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
+    if alone:
+        _create_group_of_one()
+    else:
+        deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
