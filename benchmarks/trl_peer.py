@@ -4,7 +4,8 @@ same global batch, micro-batch, step count and optimizer settings, in one proces
 Prints one JSON line: per optimizer step its seconds, real tokens and padding fraction,
 and the peak memory (RSS on CPU, CUDA peak allocated on GPU).
 
-    .venv/bin/python benchmarks/trl_peer.py --model M --data SHARDS --output OUT [--padding-free]
+    .venv/bin/python benchmarks/trl_peer.py --model M --data SHARDS --output OUT [--padding-free] \
+        [--print-micro-batches]
 
 Needs the ``trl`` extra. Not a test fixture and not part of minorsft: a benchmark peer.
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -38,8 +40,9 @@ class _StepClock(TrainerCallback):
 class CountingSFTTrainer(SFTTrainer):
     """Counts each optimizer step's real and padded tokens as the micro-batches pass."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, print_micro_batches: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.print_micro_batches = print_micro_batches
         self.real_tokens, self.grid_tokens = [0], [0]
         self.clock = _StepClock()
         self.add_callback(self.clock)
@@ -50,7 +53,11 @@ class CountingSFTTrainer(SFTTrainer):
         mask = inputs.get("attention_mask")
         self.real_tokens[-1] += int(mask.sum()) if mask is not None else ids.numel()  # padding-free: no padding
         self.grid_tokens[-1] += ids.numel()
-        return super().training_step(model, inputs, num_items_in_batch)
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.print_micro_batches:
+            print(f"micro-batch {tuple(ids.shape)}: {time.perf_counter() - started:.3f} s", file=sys.stderr)
+        return loss
 
 
 class _NextStep(TrainerCallback):
@@ -85,6 +92,8 @@ def main() -> None:
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--padding-free", action="store_true", help="TRL's padding-free batches (no packing)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--print-micro-batches", action="store_true",
+                        help="print each micro-batch's shape and forward+backward seconds to stderr")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -102,7 +111,7 @@ def main() -> None:
         gradient_checkpointing=False,  # TRL's default is on; minorsft train's is off (--gradient-checkpointing)
     )
     trainer = CountingSFTTrainer(model=model, args=config, train_dataset=load_dataset(Path(args.data)),
-                                 processing_class=tokenizer)
+                                 processing_class=tokenizer, print_micro_batches=args.print_micro_batches)
     trainer.train()
     ends = [trainer.clock.started, *trainer.clock.ends]
     steps = [{"seconds": b - a, "tokens": real, "padding_fraction": 1 - real / grid}
