@@ -93,17 +93,16 @@ def test_packed_row_under_flash_attention_equals_padded_batch():
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    results = {}
     gen = torch.Generator().manual_seed(0)
     lengths = [700, 3, 90, 17, 400]
     ids = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in lengths]
     masks = [[0] * (n // 3) + [1] * (n - n // 3) for n in lengths]
-    for attn in ("sdpa", "flash_attention_2"):
-        model = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16).cuda()
-        model.load_state_dict(results.get("weights") or model.state_dict())
-        results.setdefault("weights", {k: v.clone() for k, v in model.state_dict().items()})
-        wrapper = AnswerLogps(model)
-        inputs = pack(ids, masks) if attn.startswith("flash") else pad_right(ids, masks, pad_token_id=0)
-        with torch.no_grad():
-            results[attn] = wrapper(**inputs.to("cuda").as_kwargs()).float()
+    padded_model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda()
+    packed_model = Qwen2ForCausalLM._from_config(config, attn_implementation="flash_attention_2",
+                                                 dtype=torch.bfloat16).cuda()
+    packed_model.load_state_dict(padded_model.state_dict())
+    results = {}
+    with torch.no_grad():
+        results["sdpa"] = AnswerLogps(padded_model)(**pad_right(ids, masks, 0).to("cuda").as_kwargs()).float()
+        results["flash_attention_2"] = AnswerLogps(packed_model)(**pack(ids, masks).to("cuda").as_kwargs()).float()
     torch.testing.assert_close(results["flash_attention_2"], results["sdpa"], atol=0.5, rtol=2e-3)

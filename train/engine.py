@@ -66,14 +66,14 @@ def deepspeed_arch_list(arch_list: str) -> str:
     return ";".join(kept)
 
 
-def _create_group_of_one(attempts: int = 5) -> None:
+def _create_group_of_one(backend: str, attempts: int = 5) -> None:
     """A one-rank group on a free local port. The port is free when chosen, but another
     process can take it before the group's store listens on it (two trainers starting
     side by side hit ``EADDRINUSE``); then choose another."""
     for attempt in range(1, attempts + 1):
         os.environ["MASTER_PORT"] = str(_free_port())
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
+            deepspeed.init_distributed(dist_backend=backend)
             return
         except dist.DistNetworkError as error:
             if "EADDRINUSE" not in str(error) or attempt == attempts:
@@ -101,10 +101,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # read by DeepSpeed's JIT build of fused Adam
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     prepare_builds()  # on CPU the group's set-up JIT-builds DeepSpeed's communication op
+    backend = "nccl" if ON_GPU else "gloo"
     if alone:
-        _create_group_of_one()
+        _create_group_of_one(backend)
     else:
-        deepspeed.init_distributed(dist_backend="nccl" if ON_GPU else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
