@@ -12,7 +12,7 @@ and the padding fraction; each as a ratio to ``--baseline``.
     .venv/bin/python benchmarks/bench_train.py     # sft, minorsft, dpo_sft, online reference (run_all.py)
     .venv/bin/python benchmarks/bench_train.py --against-trl --samples 128 --steps 8   # README, TRL table
     .venv/bin/python benchmarks/bench_train.py --against-trl --device cuda --dtype bfloat16 \\
-        --hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --vocab 32000
+        --hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --vocab 151936
 
 Stage one is real: ``minorsft precompute --engine hf`` in fp32 (so every run starts
 with deviation ~0). TRL (the ``trl`` extra) trains the same shards' token ids with
@@ -110,6 +110,14 @@ def run_ours(name: str, common: list, workdir: Path, global_batch: int) -> dict:
     return step_stats(steps, wall, json.loads((output / "summary.json").read_text())["peak_memory_mib"])
 
 
+def trl_attention(asked: str, name: str) -> str:
+    """TRL gets the attention ours runs on the same layout: ``auto`` is sdpa for padded
+    batches and ``varlen`` (PyTorch's flash varlen kernel on CUDA) for padding-free rows."""
+    from minorsft_core.attention import resolve
+
+    return resolve(asked, packing="padding-free" in name)
+
+
 def run_trl(name: str, args, model: Path, shards: Path, workdir: Path) -> dict:
     output = workdir / name
     shutil.rmtree(output, ignore_errors=True)
@@ -118,7 +126,7 @@ def run_trl(name: str, args, model: Path, shards: Path, workdir: Path) -> dict:
         [sys.executable, str(HERE / "trl_peer.py"), "--model", str(model), "--data", str(shards),
          "--output", str(output), "--global-batch-size", str(args.global_batch_size),
          "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps), "--dtype", args.dtype,
-         "--lr", str(args.lr), "--attn-implementation", args.attn_implementation, *TRL[name]],
+         "--lr", str(args.lr), "--attn-implementation", trl_attention(args.attn_implementation, name), *TRL[name]],
         cwd=REPO, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode:
@@ -144,7 +152,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu hides any GPU from every run (CUDA_VISIBLE_DEVICES='')")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    parser.add_argument("--attn-implementation", default="auto",
+                        choices=("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
+                        help="of every variant, TRL's too (auto: varlen for packed/padding-free rows, else sdpa)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, of: {', '.join([*OURS, *TRL])}")
     parser.add_argument("--against-trl", action="store_true",
@@ -175,9 +185,14 @@ def main() -> None:
                   "--micro-batch-size", args.micro_batch_size, "--max-steps", args.steps, "--dtype", args.dtype,
                   "--lr", args.lr, "--save-steps", 10**6, "--attn-implementation", args.attn_implementation]
         rounds = []
-        for _ in range(args.repeats):
-            rounds.append({name: run_trl(name, args, model, shards, workdir) if name in TRL
-                           else run_ours(name, common, workdir, args.global_batch_size) for name in variants})
+        for round_index in range(args.repeats):
+            rounds.append({})
+            for name in variants:
+                result = run_trl(name, args, model, shards, workdir) if name in TRL \
+                    else run_ours(name, common, workdir, args.global_batch_size)
+                rounds[-1][name] = result
+                # as it comes, so a run cut short still leaves its measurements
+                print(f"round {round_index + 1} {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
         results = {name: min((r[name] for r in rounds), key=lambda r: r["pass_s"]) for name in variants}
 
     print(f"{args.samples} samples of {min(lengths)}-{max(lengths)} tokens, global batch {args.global_batch_size}"

@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--attn-implementation", default="sdpa",
+                        help="as transformers takes it, or varlen (minorsft_core.attention: the same kernel ours uses)")
     parser.add_argument("--padding-free", action="store_true", help="TRL's padding-free batches (no packing)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--print-micro-batches", action="store_true",
@@ -97,6 +98,10 @@ def main() -> None:
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
+    if args.attn_implementation == "varlen":
+        from minorsft_core import attention
+
+        attention.register()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation=args.attn_implementation)

@@ -79,8 +79,9 @@ class PrecomputeConfig:
         None, help="tokens per forward step. hf: padded tokens per batch, at least --max-seq-len [default: 16384]; "
                    "vllm: max_num_batched_tokens (longer prompts are scored in pieces) [default: as many as keep "
                    "the prompt log-probs' fp32 [tokens, vocab] tensors under 1 GiB, at most 4096]")
-    packing: bool = field(False, help="hf engine: each batch one padding-free row (position ids restart per sample); "
-                                      "meant for flash-attention, where attention runs per sample (unmeasured)")
+    packing: bool = field(False, help="hf engine: each batch one padding-free row (position ids restart per sample), "
+                                      "attended per sample (varlen attention: flash kernel on CUDA, sdpa per sample "
+                                      "on CPU)")
     logp_head: str = field("auto", help="hf engine: " + _LOGP_HEAD_HELP, choices=("auto", "logits"))
     gpu_memory_utilization: float = field(
         None, help="vLLM memory fraction (of host RAM on CPU builds) [default: 0.9 on GPU, 0.15 on CPU]")
@@ -142,8 +143,11 @@ class TrainConfig:
                                             "coefficient w_i is off 1 by more than this (1 turns it off)")
     logp_head: str = field("auto", help=_LOGP_HEAD_HELP, choices=("auto", "logits"))
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
-    attn_implementation: str = field("sdpa", help="sdpa, eager, or flash_attention_2 (when installed)",
-                                     choices=("sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = field(
+        "auto", help="auto (varlen with --packing, else sdpa), sdpa, eager, flash_attention_2 (when installed), or "
+                     "varlen (per-sample attention of packed rows: PyTorch's flash varlen kernel on CUDA, one sdpa "
+                     "per sample on CPU; padded batches as sdpa)",
+        choices=("auto", "sdpa", "eager", "flash_attention_2", "varlen"))
     save_steps: int = field(500, help="checkpoint every N optimizer steps (and on SIGTERM/SIGINT)")
     save_total_limit: int = field(2, help="checkpoints kept on disk")
     reference: str = field("precomputed", help="precomputed (the shards) or online (baseline: a frozen copy scores "

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from minorsft_core import losses
+from minorsft_core import attention, losses
 
 # Config fields that make logits something other than the head's plain projection
 # (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, ...). A
@@ -64,6 +64,13 @@ def varlen_kwargs(sample_lengths: torch.Tensor) -> dict:
             "max_length_k": longest}
 
 
+def takes_varlen_kwargs(model: nn.Module) -> bool:
+    """Whether the model's attention runs per sample from ``varlen_kwargs`` (flash-attn's
+    kernels, or ``attention.VARLEN``)."""
+    implementation = str(getattr(model.config, "_attn_implementation", ""))
+    return "flash" in implementation or implementation == attention.VARLEN
+
+
 class AnswerLogps(nn.Module):
     """``forward(input_ids, attention_mask, completion_mask[, position_ids, sample_lengths])
     -> [B]`` summed fp32 answer log-probs of a padded grid or a packed row
@@ -99,7 +106,7 @@ class AnswerLogps(nn.Module):
         ``position_ids`` restarting at every sample, ``sample_lengths`` and no
         ``attention_mask``; see ``batching.pack``)."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        if sample_lengths is not None and "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
+        if sample_lengths is not None and takes_varlen_kwargs(self.model):
             inputs.update(varlen_kwargs(sample_lengths))
         if not self.uses_hidden_states:
             return losses.token_logps(self.model(**inputs).logits, input_ids, completion_mask)

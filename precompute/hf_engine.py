@@ -39,14 +39,17 @@ class HfEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from minorsft_core import attention
         from minorsft_core.logp_head import AnswerLogps
 
         self.version = engine_version("hf")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.max_batch_tokens = max_batch_tokens
         self.packing = packing
+        attention.register()
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+            attn_implementation=attention.resolve("auto", packing=packing),
         )
         self.model = AnswerLogps(model.to(self.device).eval(), head=logp_head)
         self.pad_id = model.config.pad_token_id or 0  # masked out; any valid id does
@@ -62,8 +65,7 @@ class HfEngine:
             inputs = pack(ids, masks) if self.packing else pad_right(ids, masks, self.pad_id)
             on_device = inputs.to(self.device)
             with torch.inference_mode():
-                per_token = self.model.token_logps(on_device.input_ids, on_device.attention_mask,
-                                                   on_device.completion_mask, on_device.position_ids).cpu()
+                per_token = self.model.token_logps(**on_device.as_kwargs()).cpu()
             # One row per sample: the packed row cut at the samples' ends, or the padded grid's rows.
             rows = per_token[0].split([len(t) for t in ids]) if self.packing else per_token
             for row, i, mask in zip(rows, batch, masks, strict=True):

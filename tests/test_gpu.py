@@ -80,16 +80,22 @@ def test_train_bf16_on_cuda_tracks_cpu_fp32(data, tiny_model_dir, tmp_path, monk
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
 
 
-def test_packed_row_under_flash_attention_equals_padded_batch():
-    """--packing on a GPU: flash-attention's varlen kernel, given the boundaries once per
-    forward (``logp_head.varlen_kwargs``), scores each sample of a packed row as the padded
-    batch does (bf16, to bf16 precision). Needs flash-attn installed besides CUDA."""
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+@pytest.mark.parametrize("attn", ["flash_attention_2", "varlen"])
+def test_packed_row_under_varlen_kernels_equals_padded_batch(attn):
+    """--packing on a GPU: a varlen kernel, given the boundaries once per forward
+    (``logp_head.varlen_kwargs``), scores each sample of a packed row as the padded sdpa
+    batch does (bf16, to bf16 precision). ``flash_attention_2`` needs flash-attn
+    installed; ``varlen`` is PyTorch's own kernel (``minorsft_core.attention``).
+    Negative control: the same row as one sequence (no boundaries) scores differently."""
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from minorsft_core import attention
     from minorsft_core.batching import pack, pad_right
     from minorsft_core.logp_head import AnswerLogps
 
+    attention.register()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
@@ -98,11 +104,43 @@ def test_packed_row_under_flash_attention_equals_padded_batch():
     ids = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in lengths]
     masks = [[0] * (n // 3) + [1] * (n - n // 3) for n in lengths]
     padded_model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda()
-    packed_model = Qwen2ForCausalLM._from_config(config, attn_implementation="flash_attention_2",
-                                                 dtype=torch.bfloat16).cuda()
+    packed_model = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16).cuda()
     packed_model.load_state_dict(padded_model.state_dict())
-    results = {}
+    packed = pack(ids, masks).to("cuda")
+    one_sequence = pack([sum(ids, [])], [sum(masks, [])]).to("cuda")
     with torch.no_grad():
-        results["sdpa"] = AnswerLogps(padded_model)(**pad_right(ids, masks, 0).to("cuda").as_kwargs()).float()
-        results["flash_attention_2"] = AnswerLogps(packed_model)(**pack(ids, masks).to("cuda").as_kwargs()).float()
-    torch.testing.assert_close(results["flash_attention_2"], results["sdpa"], atol=0.5, rtol=2e-3)
+        padded = AnswerLogps(padded_model)(**pad_right(ids, masks, 0).to("cuda").as_kwargs()).float()
+        ours = AnswerLogps(packed_model)(**packed.as_kwargs()).float()
+        ours_tokens = AnswerLogps(packed_model).token_logps(**packed.as_kwargs())[0].float()
+        run_on = AnswerLogps(packed_model).token_logps(**one_sequence.as_kwargs())[0].float()
+    torch.testing.assert_close(ours, padded, atol=0.5, rtol=2e-3)
+    # Same kernel and weights: the first sample sees no other either way; the later ones
+    # see their predecessors only when run on (a random model's tokens move by ~0.1-1 nats).
+    first = lengths[0]
+    torch.testing.assert_close(run_on[:first], ours_tokens[:first])
+    assert (run_on[first:] - ours_tokens[first:]).abs().max() > 0.1
+
+
+def test_varlen_kernel_equals_per_sample_sdpa_with_gradients():
+    """``attention.varlen``'s CUDA kernel against its own exact fallback (one causal sdpa
+    per sample), values and q/k/v gradients, bf16 with GQA (8 query heads on 2 kv heads)."""
+    from minorsft_core import attention
+
+    if attention._torch_varlen() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [1000, 1, 64, 333]
+    total = sum(lengths)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, h, 64, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 2, 2))
+    upstream = torch.randn(total, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    results = {}
+    for name, run in (("kernel", lambda: attention._cuda_varlen(q, k, v, bounds, max(lengths), 0.125)),
+                      ("per-sample sdpa", lambda: attention._per_sample_sdpa(q, k, v, bounds, 0.125))):
+        out = run()
+        grads = torch.autograd.grad((out.float() * upstream.float()).sum(), (q, k, v))
+        results[name] = (out.float(), [g.float() for g in grads])
+    torch.testing.assert_close(results["kernel"][0], results["per-sample sdpa"][0], atol=2e-2, rtol=2e-2)
+    for got, want in zip(results["kernel"][1], results["per-sample sdpa"][1], strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)

@@ -137,16 +137,20 @@ def _samples(lengths, vocab=131, seed=4):
     return ids, masks
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 @pytest.mark.parametrize("head", ["auto", "logits"])
 def test_packed_row_equals_padded_batch_and_fails_without_restarting_positions(attn, head):
     """One packed row scores each sample as if alone, over lengths from 2 to 300 tokens:
     every answer token's log-prob to 1e-5 in fp32, the per-sample sums to fp32 rounding
     of a ~1,000-nat sum, and the gradients. Negative control: with positions running on
     across samples transformers sees one sequence, samples attend to their
-    predecessors, and the same comparison fails."""
+    predecessors, and the same comparison fails. ``varlen`` (on CPU: one sdpa per
+    sample) takes the boundaries from ``sample_lengths`` in the forward and derives them
+    from the position ids in ``token_logps``, so both routes are checked."""
+    from minorsft_core import attention
     from minorsft_core.batching import pack, pad_right
 
+    attention.register()
     model = _qwen2(tie=False, attn_implementation=attn, max_position_embeddings=2048)
     wrapper = AnswerLogps(model, head=head)
     lengths = [300, 2, 41, 7, 160]

@@ -158,7 +158,12 @@ PACK_BUDGET = 250
 def test_packed_token_budget_run_on_two_ranks_equals_padded_full_batch(full_batch_run, packed_two_rank_run):
     """Packing and token-budget micro-batches change how the global batch is run, not
     what is trained: the per-step losses, metrics and final weights of one rank with
-    one padded micro-batch."""
+    one padded micro-batch. ``--attn-implementation auto`` ran the packed rows under
+    ``varlen`` (one sdpa per sample on CPU) and the padded batch under sdpa."""
+    import yaml
+
+    for run, attention in ((full_batch_run, "sdpa"), (packed_two_rank_run, "varlen")):
+        assert yaml.safe_load((run / "config.yaml").read_text())["attn_implementation"] == attention
     one, packed = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(packed_two_rank_run / "metrics.jsonl")
     assert len(one) == len(packed) == 2
     for a, b in zip(one, packed, strict=True):

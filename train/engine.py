@@ -36,6 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
+from minorsft_core import attention  # noqa: E402
 from minorsft_core.config import DEFAULT_ZERO_STAGE  # noqa: E402
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
 from train import checkpoints  # noqa: E402
@@ -170,8 +171,9 @@ def load_partitioned(path: str, ds: dict, config, dtype: torch.dtype):
     # Must be alive while from_pretrained runs: transformers then builds the model under
     # deepspeed.zero.Init and loads each rank's partition only.
     hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
+    attention.register()
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=config.attn_implementation,
+        path, dtype=dtype, attn_implementation=attention.resolve(config.attn_implementation, packing=config.packing),
         trust_remote_code=config.trust_remote_code,
     )
 

@@ -159,12 +159,13 @@ def main(config: TrainConfig) -> int:
 
 
 def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
-    """``config`` with the ZeRO stage resolved, after the option errors that only the
+    """``config`` with the ZeRO stage and attention resolved, after the option errors that only the
     launch (how many ranks) or a file the options name reveal. Every rank finds the
     same ones from its own environment, so each exits 2 before anything is loaded,
     without waiting for the others."""
     import importlib.util
 
+    from minorsft_core import attention
     from train.data import Layout
 
     Layout(config.global_batch_size, config.micro_batch_size, world_size,
@@ -189,9 +190,10 @@ def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
     else:
         stage = json_stage
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package; install it or "
-                          "use sdpa")
-    return dataclasses.replace(config, zero_stage=stage)
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package; install it, or "
+                          "use varlen (PyTorch's own flash varlen kernel) or sdpa")
+    return dataclasses.replace(config, zero_stage=stage,
+                               attn_implementation=attention.resolve(config.attn_implementation, packing=config.packing))
 
 
 def _on_every_rank(check, config: TrainConfig):
