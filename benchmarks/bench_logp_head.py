@@ -108,7 +108,7 @@ def train(head: str, model: Path, shards: Path, output: Path, global_batch: int,
     minorsft = Path(sys.executable).with_name("minorsft")
     measured([minorsft, "train", "--data", shards, "--model", model, "--output", output,
               "--global-batch-size", global_batch, "--micro-batch-size", 1, "--max-steps", steps,
-              "--dtype", dtype, "--save-steps", 10**6, "--logp-head", head])
+              "--dtype", dtype, "--save-steps", 10**6, "--logp-head", head, "--zero-stage", 3])
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((output / "summary.json").read_text())
     return {"peak_mib": summary["peak_memory_mib"],  # the rank's own: RSS on CPU, CUDA peak on GPU

@@ -1,7 +1,8 @@
 """Stage two side by side in one run: what MinorSFT costs over SFT, what packing buys,
 and how both compare with TRL's ``SFTTrainer`` on the same model, data and batches.
 
-Each variant is a fresh process (one rank; ours under ZeRO-3 unless named ``zero2``),
+Each variant is a fresh process (one rank; ours under the one-rank default, ZeRO-2,
+unless named ``zero3``),
 run in interleaved rounds so a burst of other work on a shared machine hits every
 variant alike; the fastest round per variant is reported (noise only ever slows a
 run down). Per variant: tokens/s over steps 2..N (real tokens, padding not counted;
@@ -45,15 +46,15 @@ OURS = {
     "minorsft+online": ["--loss", "minorsft", "--reference", "online"],
     "sft+packing": ["--loss", "sft", "--packing"],
     "minorsft+packing": ["--loss", "minorsft", "--packing"],
-    "sft+zero2": ["--loss", "sft", "--zero-stage", "2"],
-    "minorsft+zero2": ["--loss", "minorsft", "--zero-stage", "2"],
-    "sft+packing+zero2": ["--loss", "sft", "--packing", "--zero-stage", "2"],
-    "minorsft+packing+zero2": ["--loss", "minorsft", "--packing", "--zero-stage", "2"],
+    "sft+zero3": ["--loss", "sft", "--zero-stage", "3"],
+    "minorsft+zero3": ["--loss", "minorsft", "--zero-stage", "3"],
+    "sft+packing+zero3": ["--loss", "sft", "--packing", "--zero-stage", "3"],
+    "minorsft+packing+zero3": ["--loss", "minorsft", "--packing", "--zero-stage", "3"],
 }
 TRL = {"trl-sft": [], "trl-sft+padding-free": ["--padding-free"]}
 DEFAULT_VARIANTS = ("sft", "minorsft", "dpo_sft", "minorsft+online")
-AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing", "sft+zero2",
-               "minorsft+zero2")
+AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing", "sft+zero3",
+               "minorsft+zero3")
 
 
 def make_records(n: int, max_words: int, seed: int = 0) -> list[dict]:

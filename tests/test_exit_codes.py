@@ -51,9 +51,9 @@ def test_deepspeed_json_must_agree_with_zero_stage(tmp_path):
         return resolve_options(TrainConfig(data="d", model="m", output="o", **options), 1).zero_stage
 
     assert stage(deepspeed=str(ds_json)) == 2
-    assert stage() == 3 and stage(zero_stage=2) == 2
+    assert stage() is None and stage(zero_stage=2) == 2  # None: config.default_zero_stage, once resume is known
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": "auto"}}))
-    assert stage(deepspeed=str(ds_json)) == 3 and stage(deepspeed=str(ds_json), zero_stage=2) == 2
+    assert stage(deepspeed=str(ds_json)) is None and stage(deepspeed=str(ds_json), zero_stage=3) == 3
     ds_json.write_text("{not json")
     result = _invoke(*common, "--deepspeed", ds_json)
     assert result.exit_code == EXIT_USAGE and "not a readable JSON object" in result.output

@@ -55,16 +55,18 @@ def test_hf_engine_on_cuda_matches_cpu_fp32(tiny_model_dir, tiny_tokenizer):
     assert max(abs(a - b) for a, b in zip(gpu_sums, reference, strict=True)) < 0.1
 
 
-def test_train_bf16_on_cuda_tracks_cpu_fp32(data, tiny_model_dir, tmp_path, monkeypatch):
-    """`minorsft train` in bf16 on CUDA (ZeRO-3, DeepSpeed's fused Adam, NCCL) against the
-    same two steps in fp32 on CPU, from the same fp32 stage one: the step-1 parity guard
-    passes at its defaults, and both steps' losses agree to bf16 precision."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_bf16_on_cuda_tracks_cpu_fp32(data, tiny_model_dir, tmp_path, monkeypatch, stage):
+    """`minorsft train` in bf16 on CUDA (ZeRO-2, the one-rank default, and ZeRO-3;
+    DeepSpeed's fused Adam, NCCL) against the same two steps in fp32 on CPU, from the same
+    fp32 stage one: the step-1 parity guard passes at its defaults, and both steps'
+    losses agree to bf16 precision."""
     from train_fixtures import run_train
 
     from train.metrics import read_metrics
 
     common = ("--data", data, "--model", tiny_model_dir, "--global-batch-size", 8, "--micro-batch-size", 4,
-              "--max-steps", 2, "--lr", 1e-3, "--warmup-ratio", 0, "--save-steps", 10**6)
+              "--max-steps", 2, "--lr", 1e-3, "--warmup-ratio", 0, "--save-steps", 10**6, "--zero-stage", stage)
     gpu = run_train(*common, "--output", tmp_path / "cuda-bf16", "--dtype", "bfloat16")
     assert gpu.returncode == 0, gpu.stderr[-3000:]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

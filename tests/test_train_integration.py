@@ -1,5 +1,7 @@
-"""`minorsft train` for real: DeepSpeed ZeRO-3 on CPU (gloo), fp32, one rank and two
-(torchrun). Each run is a module-scoped fixture shared by the assertions about it.
+"""`minorsft train` for real: DeepSpeed on CPU (gloo), fp32, one rank (ZeRO-2, the
+one-rank default) and two (torchrun, ZeRO-3), so the one-against-two-rank comparisons
+also hold the two stages to each other. Each run is a module-scoped fixture shared by
+the assertions about it.
 
 The first multi-rank run on a fresh machine JIT-builds DeepSpeed's CPU comm op
 (~80 s, cached under ~/.cache afterwards)."""
@@ -237,8 +239,12 @@ def test_token_normalized_sft_divides_by_the_global_token_count(data, policy, in
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == pytest.approx(-sum(logp) / sum(m), rel=1e-6)
 
 
-def test_online_reference_equals_precomputed(full_batch_run, data, policy, tmp_path):
-    _ok(run_train(*_common(data, policy, tmp_path, "--micro-batch-size", N, "--reference", "online")))
+@pytest.mark.parametrize("stage", [2, 3])
+def test_online_reference_equals_precomputed(full_batch_run, data, policy, tmp_path, stage):
+    """The frozen reference engine: partitioned under ZeRO-3, whole (stage 0) beside a
+    ZeRO-2 policy, which DeepSpeed would refuse to build without an optimizer."""
+    _ok(run_train(*_common(data, policy, tmp_path, "--micro-batch-size", N, "--reference", "online",
+                           "--zero-stage", stage)))
     precomputed, online = read_metrics(full_batch_run / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
     assert len(precomputed) == len(online) == 2
     for a, b in zip(precomputed, online, strict=True):
@@ -338,7 +344,7 @@ def test_policy_is_loaded_partitioned(tiny_model_dir, monkeypatch):
         monkeypatch.delenv(key, raising=False)  # restored (absent) after the test
     engine.init_distributed()
     try:
-        config = TrainConfig(data="d", model=str(tiny_model_dir), output="o", global_batch_size=2)
+        config = TrainConfig(data="d", model=str(tiny_model_dir), output="o", global_batch_size=2, zero_stage=3)
         ds = engine.ds_config(config, micro=1, accumulation=2, dtype=torch.float32)
         model = engine.load_partitioned(config.model, ds, config, torch.float32)
         assert all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())

@@ -188,8 +188,10 @@ def test_killed_anywhere_one_process_then_resumed_on_two_ranks(data, policy, uni
     _sigterm_after_a_step(args, output, logs, ranks=1)
     written_by = _committed(output)
     assert written_by["world_size"] == 1 and written_by["step"] < STEPS
+    assert written_by["zero_stage"] == 2  # the default on one rank
     resumed = _run_to_the_end(args, logs, ranks=2)  # universal conversion: 1 rank's checkpoint on 2
     assert f"resuming at step {written_by['step']}" in resumed and "2 ranks x 1 accumulation" in resumed
+    assert "ZeRO-2" in resumed  # the stage follows the checkpoint, not the new rank count
     _assert_same_run(uninterrupted, output, 1e-5)
 
 
@@ -202,6 +204,8 @@ def test_two_rank_job_killed_inside_a_save_then_resumed_as_one_process(data, pol
     assert _committed(output)["tag"] >= held or not (output / "checkpoints" / held).exists()  # cleaned up
     written_by = _committed(output)
     assert written_by["world_size"] == 2 and written_by["step"] < STEPS
+    assert written_by["zero_stage"] == 3  # the default on several ranks
     resumed = _run_to_the_end(args, logs, ranks=1)  # `minorsft train` without a launcher
     assert f"resuming at step {written_by['step']}" in resumed and "1 ranks x 2 accumulation" in resumed
+    assert "ZeRO-3" in resumed  # the stage follows the checkpoint, not the new rank count
     _assert_same_run(uninterrupted, output, 1e-5)

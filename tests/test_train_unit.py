@@ -328,16 +328,26 @@ def test_cuda_arch_list_is_made_parseable_for_deepspeeds_jit_build(monkeypatch):
     probe.compute_capability_args()  # parses
 
 
-def test_resume_refuses_another_zero_stage_and_zero2_on_another_world_size():
+def test_resume_refuses_another_zero_stage_on_any_world_size():
     from minorsft_core.config import ConfigError
     from train.run import _check_resumable_layout
 
     zero3_on_2 = {"tag": "step-00000004", "zero_stage": 3, "world_size": 2}
-    _check_resumable_layout(zero3_on_2, 3, 1)  # converted to the universal format
+    _check_resumable_layout(zero3_on_2, 3)
+    _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 2)  # on any world size: the universal format
     with pytest.raises(ConfigError, match="written with ZeRO-3, this run uses ZeRO-2"):
-        _check_resumable_layout(zero3_on_2, 2, 2)
-    with pytest.raises(ConfigError, match="only ZeRO-3 checkpoints resume on another number of ranks"):
-        _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 2, 4)
+        _check_resumable_layout(zero3_on_2, 2)
+    with pytest.raises(ConfigError, match="written with ZeRO-2, this run uses ZeRO-3"):
+        _check_resumable_layout({**zero3_on_2, "zero_stage": 2}, 3)
+
+
+@pytest.mark.parametrize(("world", "resumed", "stage"), [(1, None, 2), (2, None, 3), (8, None, 3), (1, 3, 3),
+                                                         (4, 2, 2)])
+def test_default_stage_is_two_on_one_rank_three_on_several_and_a_checkpoints_on_resume(world, resumed, stage):
+    from minorsft_core.config import default_zero_stage
+
+    assert default_zero_stage(world, resumed) == stage
+
 # ---- DeepSpeed's JIT-built op ---------------------------------------------------------------
 
 

@@ -37,7 +37,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from minorsft_core import attention  # noqa: E402
-from minorsft_core.config import DEFAULT_ZERO_STAGE  # noqa: E402
 from minorsft_core.logp_head import AnswerLogps  # noqa: E402
 from train import checkpoints  # noqa: E402
 from train.ds_ops import prepare_builds  # noqa: E402
@@ -117,10 +116,9 @@ def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> d
     ``config`` so the two can never disagree."""
     base = json.loads(Path(config.deepspeed).read_text()) if config.deepspeed else {}
     zero = base.setdefault("zero_optimization", {})
-    if config.zero_stage is not None:  # train.run.resolve_options has checked it against the JSON's
-        zero["stage"] = config.zero_stage
-    elif zero.get("stage", "auto") == "auto":
-        zero["stage"] = DEFAULT_ZERO_STAGE
+    if config.zero_stage not in (2, 3):
+        raise ValueError(f"zero_stage {config.zero_stage!r}: train.run resolves it to 2 or 3 before the engine")
+    zero["stage"] = config.zero_stage  # train.run.resolve_options has checked it against the JSON's
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     base.update(
@@ -147,10 +145,15 @@ def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> d
 
 
 def reference_ds_config(policy_config: dict) -> dict:
-    """A frozen model's config: same ZeRO stage and precision, no optimizer."""
+    """A frozen model's config: same precision, no optimizer; ZeRO-3 partitions it as it
+    does the policy. Under ZeRO-2 (which partitions only gradients and optimizer states,
+    and which DeepSpeed refuses without an optimizer) each rank holds it whole: stage 0."""
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16",
             "fp16", "zero_optimization", "steps_per_print")
-    return {key: policy_config[key] for key in keep if key in policy_config}
+    frozen = {key: policy_config[key] for key in keep if key in policy_config}
+    if frozen["zero_optimization"]["stage"] != 3:
+        frozen["zero_optimization"] = {"stage": 0}
+    return frozen
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -268,7 +271,9 @@ def _convert_to_universal(source: Path, target: Path) -> None:
     # One worker each: no process pools inside a rank of a distributed job.
     ds_to_universal.main(Namespace(input_folder=str(source), output_folder=str(partial), num_extract_workers=1,
                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                   inject_missing_state=False))
+                                   # ZeRO-1/2 checkpoints must carry a version record that only
+                                   # Megatron-style clients write; for a plain model it is just that.
+                                   inject_missing_state=True))
     (target.parent / "latest_universal").unlink(missing_ok=True)  # we load by tag; `latest` stays ours
     os.replace(partial, target)
 

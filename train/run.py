@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from minorsft_core.atomic import write_text_atomic
-from minorsft_core.config import DEFAULT_ZERO_STAGE, TrainConfig, save_config
+from minorsft_core.config import TrainConfig, default_zero_stage, save_config
 from minorsft_core.errors import (
     EXIT_DRIFT,
     EXIT_ENGINE,
@@ -179,7 +179,7 @@ def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
     # One stage for both: config.yaml records the one that runs. A JSON naming another
     # stage than an explicit --zero-stage is a contradiction, not something to pick from.
     if json_stage == "auto":
-        stage = config.zero_stage or DEFAULT_ZERO_STAGE
+        stage = config.zero_stage  # None: default_zero_stage, once the checkpoint (if any) is known
     elif json_stage not in (2, 3):
         raise ConfigError(f"--deepspeed {config.deepspeed}: zero_optimization.stage {json_stage!r}; "
                           "minorsft trains with ZeRO stage 2 or 3")
@@ -271,11 +271,14 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
                     max_tokens=config.max_tokens_per_micro_batch, packed=config.packing)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        save_config(config, output / "config.yaml")
         checkpoints.remove_uncommitted(checkpoint_root, config.save_total_limit)  # what a kill left behind
         open_shards(scanned, output / "data-cache")  # build the Arrow cache once, before the others read it
     dist.barrier()
     resume = checkpoints.committed(checkpoint_root)
+    if config.zero_stage is None:
+        config = dataclasses.replace(config, zero_stage=default_zero_stage(world, resume and resume["zero_stage"]))
+    if rank == 0:
+        save_config(config, output / "config.yaml")  # the stage and attention that run
     dataset = open_shards(scanned, output / "data-cache")
     lengths = sequence_lengths(dataset)
     answer_len = dataset.data.column(ANSWER_LEN).to_numpy()
@@ -284,7 +287,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     # DeepSpeed's batch keys only have to multiply out; the loop owns accumulation (train.loop).
     ds_config = ds.ds_config(config, micro=layout.global_batch // (layout.accumulation * world),
                              accumulation=layout.accumulation, dtype=dtype)
-    _check_resumable_layout(resume, ds_config["zero_optimization"]["stage"], world)
+    _check_resumable_layout(resume, ds_config["zero_optimization"]["stage"])
     ds.prepare_resume(checkpoint_root, resume, ds_config)
     engine = ds.load_policy(config, ds_config, dtype, total_steps=total_steps, warmup_steps=warmup_steps)
     score_reference = None
@@ -339,19 +342,17 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
     return EXIT_OK
 
 
-def _check_resumable_layout(resume: dict | None, zero_stage: int, world: int) -> None:
-    """The checkpoint's ZeRO stage must be this run's (a ``--deepspeed`` JSON may set it),
-    and only ZeRO-3 checkpoints are converted for another world size here."""
+def _check_resumable_layout(resume: dict | None, zero_stage: int) -> None:
+    """The checkpoint's ZeRO stage must be this run's (a ``--deepspeed`` JSON may set it;
+    without one the stage follows the checkpoint). Any number of ranks resumes it: on
+    another one it is converted to the universal format (``engine.prepare_resume``)."""
     if resume is None:
         return
     if resume["zero_stage"] != zero_stage:
         raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written with ZeRO-{resume['zero_stage']}, "
-                          f"this run uses ZeRO-{zero_stage}; resume with ZeRO-{resume['zero_stage']} "
-                          "(--zero-stage / --deepspeed), or start fresh with a new --output")
-    if resume["world_size"] != world and zero_stage != 3:
-        raise ConfigError(f"the checkpoint to resume ({resume['tag']}) was written by {resume['world_size']} ranks "
-                          f"with ZeRO-{zero_stage}, this run has {world}: only ZeRO-3 checkpoints resume on another "
-                          f"number of ranks. Resume on {resume['world_size']} ranks, or start fresh with a new --output")
+                          f"this run uses ZeRO-{zero_stage}: DeepSpeed loads a checkpoint only into the stage that "
+                          f"wrote it. Resume with ZeRO-{resume['zero_stage']} (drop --zero-stage, or make it and "
+                          "--deepspeed agree with it), or start fresh with a new --output")
 def _split(layout) -> str:
     if layout.max_tokens:
         return f"{layout.world} ranks x micro-batches of <= {layout.max_tokens} tokens"
