@@ -60,8 +60,20 @@ class _Job:
         self.process.wait(timeout=60)
 
     def signal(self, sig) -> None:
+        """``sig`` to the job's process group; a SIGKILL also to every descendant, since
+        torchrun starts each rank in a session of its own (left alive, a killed job's ranks
+        wait in a collective for the rest of the test session)."""
+        import psutil  # a dependency of deepspeed
+
+        descendants = []
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                descendants = psutil.Process(self.process.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def output(self) -> str:
         return self.log.read_text()
