@@ -57,10 +57,22 @@ class ModelInputs:
         return self.input_ids.numel()
 
     def to(self, device) -> ModelInputs:
-        return ModelInputs(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        return ModelInputs(**{name: None if t is None else to_device(t, device) for name, t in self.as_kwargs().items()})
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def to_device(tensor, device):
+    """``tensor.to(device)``; from host to a CUDA device through pinned memory and without
+    blocking, so the host goes on launching work instead of waiting for the device to
+    drain its queue before each copy (a pageable copy waits)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def pad_right(input_ids: Sequence[Sequence[int]], completion_masks: Sequence[Sequence[int]],

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from minorsft_core.batching import ModelInputs, pack, pad_right, token_budget_groups
+from minorsft_core.batching import ModelInputs, pack, pad_right, to_device, token_budget_groups
 from minorsft_core.errors import ConfigError
 from minorsft_core.schema import ANSWER_LEN, COMPLETION_MASK, INPUT_IDS, REF_LOGP_SUM, ScannedOutput
 
@@ -146,7 +146,7 @@ class MicroBatch:
     ref_logp_sum: torch.Tensor
 
     def to(self, device) -> MicroBatch:
-        return MicroBatch(self.inputs.to(device), self.answer_len.to(device), self.ref_logp_sum.to(device))
+        return MicroBatch(self.inputs.to(device), to_device(self.answer_len, device), to_device(self.ref_logp_sum, device))
 
 
 def collate(dataset, rows: np.ndarray, pad_token_id: int, *, packed: bool = False) -> MicroBatch:

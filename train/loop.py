@@ -70,8 +70,9 @@ class Run:
 
 
 def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of ``_SUMS`` and its ``_EXTREMES``, moved to the CPU in
-    one transfer (one device sync per micro-batch)."""
+    """This micro-batch's share of ``_SUMS`` and its ``_EXTREMES``, left on the device:
+    the step's stats cross to the host once, after their all-reduce (``_global_stats``),
+    so no micro-batch waits for the device to finish before the next is launched."""
     coef = losses.minorsft_coef(policy_logps, ref_logp_sum, beta=config.beta)
     abs_deviation = (policy_logps.detach() - ref_logp_sum).abs() / answer_len  # [B] |delta_i| / m_i
     stats = torch.stack([
@@ -82,14 +83,13 @@ def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[
         answer_len.sum().double(), torch.tensor(float(len(answer_len)), dtype=torch.float64, device=coef.device),
         torch.zeros((), dtype=torch.float64, device=coef.device),  # "stop", set once per step
         coef.max().double(), -coef.min().double(), abs_deviation.max().double(),
-    ]).cpu()
+    ])
     return stats[:len(_SUMS)], stats[len(_SUMS):]
 
 
-def _global_stats(sums: torch.Tensor, extremes: torch.Tensor, device: torch.device) -> tuple[dict, dict]:
-    """All-reduce the step's host-side stats. NCCL reduces only device tensors, so they go
-    to ``device`` and back (two small copies per step; a no-op on CPU with gloo)."""
-    sums, extremes = sums.to(device), extremes.to(device)
+def _global_stats(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[dict, dict]:
+    """All-reduce the step's stats (device tensors: NCCL reduces only those), then bring
+    them to the host: the one device sync of the step's statistics."""
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     sums, extremes = sums.cpu(), extremes.cpu()
@@ -141,8 +141,8 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
         plan = split_global_batch(rows, run.lengths, layout)
         norm = normalizer(config, rows, run.answer_len, layout)
         started = time.perf_counter()
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-        extremes = torch.full((len(_EXTREMES),), -float("inf"), dtype=torch.float64)
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=run.device)
+        extremes = torch.full((len(_EXTREMES),), -float("inf"), dtype=torch.float64, device=run.device)
         micros = plan[run.rank]
         for slot, micro_rows in enumerate(micros):
             batch = collate(run.dataset, micro_rows, run.pad_token_id, packed=config.packing).to(run.device)
@@ -157,7 +157,7 @@ def fit(run: Run, start_step: int, log: MetricsLog) -> tuple[str, int, dict | No
             if slot < len(micros) - 1:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         sums[_SUMS.index("stop")] = float(run.stop_requested())
-        total, extreme = _global_stats(sums, extremes, run.device)
+        total, extreme = _global_stats(sums, extremes)
         agreement = agreement_with_reference(total, extreme)
         if step == 1:
             if run.rank == 0:

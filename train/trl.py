@@ -251,9 +251,9 @@ class MinorSFTTrainer(SFTTrainer):
     def _record(self, window: _Window, loss, policy_logps, ref_logp_sum, answer_len) -> None:
         """Add a micro-batch to the window's metrics; at the window's last micro-batch (before
         its backward) reduce them over ranks, and at the first update apply the guard."""
-        sums, extremes = _micro_stats(self.args, loss, policy_logps, ref_logp_sum, answer_len)
-        window.sums += sums
-        window.extremes = torch.maximum(window.extremes, extremes)
+        sums, extremes = _micro_stats(self.args, loss, policy_logps, ref_logp_sum, answer_len)  # on the device
+        window.sums = window.sums.to(sums.device) + sums
+        window.extremes = torch.maximum(window.extremes.to(extremes.device), extremes)
         window.seen += 1
         if window.seen < window.micro_batches:
             return
