@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=2048,
+                        help="embedding and output-head rows (the text uses the tiny tokenizer's ~450 ids)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu hides any GPU from every run (CUDA_VISIBLE_DEVICES='')")
@@ -177,7 +178,7 @@ def main() -> None:
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
-        model = save_tiny_model(workdir / "model", make_texts(2000), vocab_size=args.vocab,
+        model = save_tiny_model(workdir / "model", make_texts(2000), vocab_size=args.vocab, embedding_rows=args.vocab,
                                 hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                                 num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
         shards = stage_one(model, make_records(args.samples, args.max_words), workdir)

@@ -66,8 +66,14 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 def build_model(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 2, num_kv_heads: int = 1, intermediate_size: int = 128,
-                max_position_embeddings: int = 2048):
+                max_position_embeddings: int = 2048, embedding_rows: int | None = None):
     """A randomly initialised Qwen2ForCausalLM over ``tokenizer``'s vocabulary (fp32).
+
+    ``embedding_rows``: rows of the embedding and output head when more than the
+    tokenizer's (a real vocabulary's size: its memory and head cost, while the text
+    uses only the tokenizer's first few hundred ids). The tokenizer itself stays small:
+    a BPE trained on a few thousand words learns a few hundred tokens, whatever size
+    it is asked for.
 
     Head size is ``hidden_size / num_heads``: vLLM's CPU attention supports head sizes
     of 32 and up only, so the defaults give 32 (16 fails at engine start).
@@ -76,7 +82,7 @@ def build_model(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), embedding_rows or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,

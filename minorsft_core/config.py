@@ -107,7 +107,7 @@ def default_zero_stage(world_size: int, resumed_stage: int | None) -> int:
     stage that wrote it, on any number of ranks). A fresh run on several ranks uses
     ZeRO-3 (parameters partitioned: the largest models fit). A fresh run on one rank
     uses ZeRO-2: there is nothing to partition, and ZeRO-3's per-module gathering costs
-    time (about 1.4x per step on CPU, README) for no memory saved."""
+    time (1.4-1.9x per step on CPU, README) for no memory saved."""
     if resumed_stage is not None:
         return resumed_stage
     return 3 if world_size > 1 else 2
