@@ -20,6 +20,7 @@ path unchanged, so one model loaded with ``varlen`` scores both layouts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -91,7 +92,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     # [1, H, N, D] -> [N, H, D]: the token-major layout varlen kernels take
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    if q.is_cuda and _torch_varlen() is not None:
+    if q.is_cuda and _torch_varlen()[0] is not None:
         out = _cuda_varlen(q, k, v, bounds, int(longest), scaling)
     else:
         out = _per_sample_sdpa(q, k, v, bounds, scaling)
@@ -109,27 +110,24 @@ def _per_sample_sdpa(q, k, v, bounds, scaling):
     return torch.cat(pieces)
 
 
-_VARLEN = []  # [varlen_attn or None, its parameter names], looked up once
-
-
-def _torch_varlen():
-    if not _VARLEN:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            warnings.warn("this torch has no torch.nn.attention.varlen: varlen attention runs one sdpa per sample "
-                          "on CUDA too", stacklevel=3)
-            _VARLEN.extend([None, frozenset()])
-        else:
-            _VARLEN.extend([varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)])
-    return _VARLEN[0]
+@functools.cache
+def _torch_varlen() -> tuple:
+    """``(varlen_attn, its parameter names)``, or ``(None, ())`` on a torch without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        warnings.warn("this torch has no torch.nn.attention.varlen: varlen attention runs one sdpa per sample "
+                      "on CUDA too", stacklevel=3)
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _cuda_varlen(q, k, v, bounds, longest, scaling):
     """PyTorch's FlashAttention varlen kernel. Its signature changed across torch
-    releases: causality is ``is_causal=True`` (2.9-2.11) or ``window_size=(-1, 0)``
-    (later); GQA is ``enable_gqa`` where it exists, else the key/value heads are repeated."""
-    varlen_attn, params = _VARLEN
+    releases: causality is ``is_causal=True`` in the first ones and ``window_size=(-1,
+    0)`` by 2.11; GQA is ``enable_gqa`` where it exists (2.13), else the key/value heads
+    are repeated. Run on a GPU: torch 2.11 (``window_size``, heads repeated) only."""
+    varlen_attn, params = _torch_varlen()
     options = {}
     if "window_size" in params:
         options["window_size"] = (-1, 0)

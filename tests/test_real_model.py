@@ -4,7 +4,8 @@ index by ``scripts/fetch_smollm2.py`` (cached under ``$MINORSFT_CACHE``).
 
 fp32: vLLM and the hf engine equal an independent forward. A healthy run with a bf16
 vLLM stage one (policy = reference) passes the step-1 parity guard at its defaults and
-trains ZeRO-3 steps. The trainer runs fp32 here: bf16 matmuls are emulated on CPUs
+trains ZeRO-3 steps. Packed rows under ``varlen`` attention score (and differentiate)
+as the padded batch does. The trainer runs fp32 here: bf16 matmuls are emulated on CPUs
 without bf16 units, and a bf16 step of this model takes minutes there; the bf16-trainer
 rows of the parity table come from benchmarks/bench_parity.py."""
 
@@ -96,3 +97,41 @@ def test_bf16_vllm_stage_one_passes_the_guard_and_zero3_trains(smollm2, chat_dat
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and Path(summary["final_model"], "model.safetensors").exists()
+
+
+def test_packed_row_under_varlen_equals_the_padded_batch_on_the_real_model(smollm2, chat_data):
+    """``--packing``'s attention on a real model (Llama attention, 9 query heads on 3 kv
+    heads, tied head), fp32 on CPU: every answer token's log-prob of a packed row under
+    ``varlen`` equals the padded sdpa batch's, and so do the gradients of the summed
+    log-probs. The padded model and the packed one share their weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minorsft_core import attention
+    from minorsft_core.batching import pack, pad_right
+    from minorsft_core.logp_head import AnswerLogps
+
+    attention.register()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids, masks = [], []
+    for line in chat_data.read_text().splitlines()[:5]:
+        messages = json.loads(line)["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        whole = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
+        ids.append(whole)
+        masks.append([0] * len(prompt) + [1] * (len(whole) - len(prompt)))
+    assert len({len(x) for x in ids}) > 1  # samples of different lengths
+    results = {}
+    for attn, inputs in (("sdpa", pad_right(ids, masks, tokenizer.pad_token_id)), ("varlen", pack(ids, masks))):
+        model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, attn_implementation=attn)
+        wrapper = AnswerLogps(model)
+        logps = wrapper(**inputs.as_kwargs())
+        logps.sum().backward()
+        with torch.no_grad():
+            per_token = wrapper.token_logps(**inputs.as_kwargs())
+        if inputs.sample_lengths is not None:  # the packed row back to one row per sample
+            per_token = torch.nn.utils.rnn.pad_sequence(per_token[0].split([len(x) for x in ids]), batch_first=True)
+        results[attn] = (logps.detach(), per_token, {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["varlen"][1], results["sdpa"][1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(results["varlen"][0], results["sdpa"][0], atol=1e-4, rtol=1e-5)
+    for name, grad in results["varlen"][2].items():
+        torch.testing.assert_close(grad, results["sdpa"][2][name], atol=1e-4, rtol=1e-3, msg=name)
