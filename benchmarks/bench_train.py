@@ -51,7 +51,9 @@ OURS = {
     "sft+packing+zero3": ["--loss", "sft", "--packing", "--zero-stage", "3"],
     "minorsft+packing+zero3": ["--loss", "minorsft", "--packing", "--zero-stage", "3"],
 }
-TRL = {"trl-sft": [], "trl-sft+padding-free": ["--padding-free"]}
+TRL = {"trl-sft": [], "trl-sft+padding-free": ["--padding-free"],
+       # bf16 only: fp32 weights under autocast, the precision ours trains in (fp32 master weights)
+       "trl-sft+amp": ["--amp"], "trl-sft+padding-free+amp": ["--padding-free", "--amp"]}
 DEFAULT_VARIANTS = ("sft", "minorsft", "dpo_sft", "minorsft+online")
 AGAINST_TRL = ("trl-sft", "trl-sft+padding-free", "sft", "minorsft", "sft+packing", "minorsft+packing", "sft+zero3",
                "minorsft+zero3")
@@ -170,6 +172,11 @@ def main() -> None:
     if args.against_trl:
         args.variants = ",".join(AGAINST_TRL)
     variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in OURS and name not in TRL]
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}: choose from {', '.join([*OURS, *TRL])}")
+    if args.dtype != "bfloat16" and any(name.endswith("+amp") for name in variants):
+        parser.error("the +amp variants are bf16 autocast over fp32 weights: give --dtype bfloat16")
     baseline = args.baseline or variants[0]
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

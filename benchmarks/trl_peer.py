@@ -2,10 +2,15 @@
 stage-one shards' token ids (``completion_only_loss``: the answer tokens only), with the
 same global batch, micro-batch, step count and optimizer settings, in one process.
 Prints one JSON line: per optimizer step its seconds, real tokens and padding fraction,
-and the peak memory (RSS on CPU, CUDA peak allocated on GPU).
+the peak memory (RSS on CPU, CUDA peak allocated on GPU) and the dtype the weights were
+trained in.
+
+In bf16 the model is loaded in bf16 (weights and Adam moments in bf16, 8 bytes per
+parameter) unless ``--amp``: fp32 weights under bf16 autocast (16 bytes per parameter),
+the same precision scheme as DeepSpeed's bf16 with its fp32 master weights.
 
     .venv/bin/python benchmarks/trl_peer.py --model M --data SHARDS --output OUT [--padding-free] \
-        [--print-micro-batches]
+        [--dtype bfloat16 [--amp]] [--print-micro-batches]
 
 Needs the ``trl`` extra. Not a test fixture and not part of minorsft: a benchmark peer.
 """
@@ -92,10 +97,16 @@ def main() -> None:
     parser.add_argument("--attn-implementation", default="sdpa",
                         help="as transformers takes it, or varlen (minorsft_core.attention: the same kernel ours uses)")
     parser.add_argument("--padding-free", action="store_true", help="TRL's padding-free batches (no packing)")
+    parser.add_argument("--amp", action="store_true",
+                        help="with --dtype bfloat16: load fp32 weights and train under bf16 autocast (the Trainer's "
+                             "mixed precision: fp32 weights, gradients and Adam moments, as DeepSpeed's bf16 keeps "
+                             "fp32 master weights), instead of a model loaded in bf16")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--print-micro-batches", action="store_true",
                         help="print each micro-batch's shape and forward+backward seconds to stderr")
     args = parser.parse_args()
+    if args.amp and args.dtype != "bfloat16":
+        parser.error("--amp is bf16 autocast over fp32 weights: give --dtype bfloat16")
 
     on_gpu = torch.cuda.is_available()
     if args.attn_implementation == "varlen":
@@ -103,7 +114,8 @@ def main() -> None:
 
         attention.register()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+    weights_dtype = torch.float32 if args.amp else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=weights_dtype,
                                                  attn_implementation=args.attn_implementation)
     config = SFTConfig(
         output_dir=args.output, per_device_train_batch_size=args.micro_batch_size,
@@ -123,7 +135,7 @@ def main() -> None:
              for a, b, real, grid in zip(ends, ends[1:], trainer.real_tokens, trainer.grid_tokens, strict=False)]
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(json.dumps({"steps": steps, "peak_mib": peak}))
+    print(json.dumps({"steps": steps, "peak_mib": peak, "weights_dtype": str(next(model.parameters()).dtype)}))
 
 
 if __name__ == "__main__":

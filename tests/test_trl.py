@@ -261,3 +261,29 @@ def test_docs_page_trains_minorsft_on_the_bundled_default(tmp_path, monkeypatch)
     assert logged[-1]["loss"] < logged[0]["loss"]
     assert logged[-1]["deviation"] > 0.5 and logged[-1]["coef_mean"] < 1  # off the reference, weights < 1
     assert (tmp_path / "minorsft" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["bf16-weights", "amp"])
+def test_benchmark_peer_trains_in_the_precision_it_is_asked(data, policy, tmp_path, amp):
+    """benchmarks/trl_peer.py in bf16: a model loaded in bf16, or with --amp fp32 weights under
+    bf16 autocast (the scheme DeepSpeed's bf16 uses), every step counted; --amp without bf16
+    is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from train_fixtures import REPO, train_env
+
+    command = [sys.executable, str(REPO / "benchmarks" / "trl_peer.py"), "--model", str(policy), "--data", str(data),
+               "--output", str(tmp_path / "out"), "--global-batch-size", "4", "--micro-batch-size", "2",
+               "--steps", "2", "--dtype", "bfloat16", *(["--amp"] if amp else [])]
+    result = subprocess.run(command, cwd=REPO, env=train_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["weights_dtype"] == ("torch.float32" if amp else "torch.bfloat16")
+    assert len(report["steps"]) == 2 and all(step["tokens"] > 0 for step in report["steps"])
+    if amp:
+        refused = subprocess.run([*command, "--dtype", "float32"], cwd=REPO, env=train_env(CUDA_VISIBLE_DEVICES=""),
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "--amp is bf16 autocast over fp32 weights" in refused.stderr
