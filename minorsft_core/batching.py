@@ -11,6 +11,12 @@ Two shapes of the same samples, both scored by ``logp_head.AnswerLogps``:
   kernel (``modeling_flash_attention_utils._is_packed_sequence``), so each sample
   attends to itself only. ``sample_lengths`` tells the head where each sample ends.
 
+Both also carry what the model would otherwise have to ask the device for: the answer
+tokens' positions (``answer_index``) and, packed, the longest sample's length. Computed
+here on the host, they spare the forward a device-to-host sync each (a ``nonzero`` over
+the completion mask, a ``max`` over the sample lengths), so on a GPU the host keeps
+queueing work while the device runs.
+
 ``token_budget_groups`` cuts length-sorted samples into batches that fit a token
 budget, counting what the batch really costs: the padded grid, or the packed row.
 
@@ -42,14 +48,18 @@ def resolve_dtype(name: str) -> str:
 @dataclasses.dataclass
 class ModelInputs:
     """What ``AnswerLogps`` takes: ``[B, T]`` (padded) or ``[1, N]`` (packed) tensors;
-    ``attention_mask`` only when padded, ``position_ids`` and ``sample_lengths [B]`` only
-    when packed."""
+    ``attention_mask`` only when padded, ``position_ids``, ``sample_lengths [B]`` and
+    ``longest_sample`` (an int) only when packed; ``answer_index [A]``: the answer
+    tokens' positions in the flattened grid (``b * T + t``), as
+    ``completion_mask.flatten().nonzero()`` gives them."""
 
     input_ids: Any
     completion_mask: Any
     attention_mask: Any = None
     position_ids: Any = None
     sample_lengths: Any = None
+    answer_index: Any = None
+    longest_sample: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +67,8 @@ class ModelInputs:
         return self.input_ids.numel()
 
     def to(self, device) -> ModelInputs:
-        return ModelInputs(**{name: None if t is None else to_device(t, device) for name, t in self.as_kwargs().items()})
+        return ModelInputs(**{name: to_device(value, device) if hasattr(value, "device") else value
+                              for name, value in self.as_kwargs().items()})
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -88,7 +99,8 @@ def pad_right(input_ids: Sequence[Sequence[int]], completion_masks: Sequence[Seq
         ids_grid[b, :len(ids)] = torch.as_tensor(ids)
         attention_mask[b, :len(ids)] = 1
         completion_mask[b, :len(mask)] = torch.as_tensor(mask)
-    return ModelInputs(ids_grid, completion_mask, attention_mask=attention_mask)
+    return ModelInputs(ids_grid, completion_mask, attention_mask=attention_mask,
+                       answer_index=_answer_index(completion_mask, starts=torch.arange(size) * width))
 
 
 def pack(input_ids: Sequence[Sequence[int]], completion_masks: Sequence[Sequence[int]]) -> ModelInputs:
@@ -100,8 +112,23 @@ def pack(input_ids: Sequence[Sequence[int]], completion_masks: Sequence[Sequence
     flat_ids = torch.as_tensor([token for ids in input_ids for token in ids], dtype=torch.long)
     flat_mask = torch.as_tensor([bit for mask in completion_masks for bit in mask], dtype=torch.long)
     position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+    sample_lengths = torch.as_tensor(lengths, dtype=torch.long)
+    starts = sample_lengths.cumsum(0) - sample_lengths
     return ModelInputs(flat_ids[None], flat_mask[None], position_ids=position_ids[None],
-                       sample_lengths=torch.as_tensor(lengths, dtype=torch.long))
+                       sample_lengths=sample_lengths, answer_index=_answer_index(flat_mask[None], starts=starts),
+                       longest_sample=max(lengths))
+
+
+def _answer_index(completion_mask, *, starts):
+    """The answer tokens' flat positions in a host ``completion_mask`` grid, checked: no
+    sample (starting at flat positions ``starts``) may begin with an answer token, which
+    no logit predicts."""
+    flat = completion_mask.reshape(-1)
+    opening = flat[starts].nonzero().flatten()
+    if opening.numel():
+        raise ValueError(f"sample {int(opening[0])} of the batch has completion_mask[0] = 1: its first token has "
+                         "no predicting logit, so it cannot be an answer token")
+    return flat.nonzero().flatten()
 
 
 def token_budget_groups(lengths: Sequence[int], budget: int, *, packed: bool) -> list[list[int]]:

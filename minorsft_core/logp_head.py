@@ -51,15 +51,17 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def varlen_kwargs(sample_lengths: torch.Tensor) -> dict:
+def varlen_kwargs(sample_lengths: torch.Tensor, longest: int | None = None) -> dict:
     """Flash-attention's varlen arguments for a packed row of samples ``sample_lengths``
     long: cumulative boundaries ``[0, n_0, n_0 + n_1, ...]`` (int32) and the longest
     sample, as transformers' ``FlashAttentionKwargs`` take them. Given once per forward,
     they spare every layer re-deriving them from the position ids, which costs a few
     host-device syncs per layer (``modeling_flash_attention_utils._is_packed_sequence``,
-    ``prepare_fa_kwargs_from_position_ids``)."""
+    ``prepare_fa_kwargs_from_position_ids``). ``longest`` known on the host (``batching.pack``
+    gives it) spares the last sync."""
     boundaries = nn.functional.pad(sample_lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    longest = int(sample_lengths.max())  # one sync per forward, not per layer
+    if longest is None:
+        longest = int(sample_lengths.max())  # one sync per forward, not per layer
     return {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries, "max_length_q": longest,
             "max_length_k": longest}
 
@@ -72,7 +74,7 @@ def takes_varlen_kwargs(model: nn.Module) -> bool:
 
 
 class AnswerLogps(nn.Module):
-    """``forward(input_ids, attention_mask, completion_mask[, position_ids, sample_lengths])
+    """``forward(input_ids, attention_mask, completion_mask[, position_ids, sample_lengths, answer_index, longest_sample])
     -> [B]`` summed fp32 answer log-probs of a padded grid or a packed row
     (``batching.ModelInputs.as_kwargs()``); ``token_logps`` gives them per token.
 
@@ -101,25 +103,30 @@ class AnswerLogps(nn.Module):
 
     def token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    sample_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                    sample_lengths: torch.Tensor | None = None, answer_index: torch.Tensor | None = None,
+                    longest_sample: int | None = None) -> torch.Tensor:
         """``[B, T]`` per-token answer log-probs (``[1, N]`` for a packed row: pass
         ``position_ids`` restarting at every sample, ``sample_lengths`` and no
-        ``attention_mask``; see ``batching.pack``)."""
+        ``attention_mask``; see ``batching.pack``). ``answer_index`` and
+        ``longest_sample``, made on the host (``batching``), spare device syncs."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if sample_lengths is not None and takes_varlen_kwargs(self.model):
-            inputs.update(varlen_kwargs(sample_lengths))
+            inputs.update(varlen_kwargs(sample_lengths, longest_sample))
         if not self.uses_hidden_states:
-            return losses.token_logps(self.model(**inputs).logits, input_ids, completion_mask)
+            return losses.token_logps(self.model(**inputs).logits, input_ids, completion_mask,
+                                      answer_index=answer_index)
         decoded = self.model.get_decoder()(**inputs)
         head = self.model.get_output_embeddings()
         return losses.token_logps_from_hidden(
-            decoded.last_hidden_state, head.weight, input_ids, completion_mask, lm_head_bias=head.bias
-        )
+            decoded.last_hidden_state, head.weight, input_ids, completion_mask, lm_head_bias=head.bias,
+            answer_index=answer_index)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, sample_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, sample_lengths: torch.Tensor | None = None,
+                answer_index: torch.Tensor | None = None, longest_sample: int | None = None) -> torch.Tensor:
         """``[B]`` summed answer log-probs; for a packed row, one per entry of ``sample_lengths``."""
-        per_token = self.token_logps(input_ids, attention_mask, completion_mask, position_ids, sample_lengths)
+        per_token = self.token_logps(input_ids, attention_mask, completion_mask, position_ids, sample_lengths,
+                                     answer_index, longest_sample)
         if sample_lengths is None:
             return per_token.sum(-1)
         return losses.packed_sums(per_token[0], sample_lengths)

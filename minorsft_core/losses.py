@@ -66,13 +66,17 @@ class _SelectedTokenLogps(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def _answer_positions(input_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """``(batch indices, time indices)`` of the answer tokens, checked."""
+def _answer_positions(input_ids: torch.Tensor, completion_mask: torch.Tensor, answer_index: torch.Tensor | None):
+    """``(batch indices, time indices)`` of the answer tokens, checked; from
+    ``answer_index`` when given (no ``nonzero`` on the device: no sync)."""
     if completion_mask.shape != input_ids.shape:
         raise ValueError(
             f"completion_mask {tuple(completion_mask.shape)} must match input_ids "
             f"{tuple(input_ids.shape)}"
         )
+    if answer_index is not None:
+        seq_len = input_ids.shape[1]
+        return answer_index // seq_len, answer_index % seq_len
     answer = completion_mask.bool()
     if input_ids.shape[1] and answer[:, 0].any():
         raise ValueError("completion_mask[:, 0] must be 0: position 0 has no predicting logit")
@@ -92,6 +96,7 @@ def token_logps(
     completion_mask: torch.Tensor,
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    answer_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token answer log-probs, fp32 (fp64 for fp64 logits), ``[B, T]``; 0 off the answer.
 
@@ -105,6 +110,9 @@ def token_logps(
         logits: ``[B, T, V]`` in any float dtype.
         input_ids: ``[B, T]`` integer token ids.
         completion_mask: ``[B, T]``, nonzero at answer tokens.
+        answer_index: optional ``[A]`` flat positions ``b * T + t`` of the answer tokens
+            (``completion_mask.flatten().nonzero()``), made on the host with the batch
+            (``batching``): on a GPU it spares a device sync. Trusted, not re-checked.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
         raise ValueError(
@@ -112,7 +120,7 @@ def token_logps(
             f"and {tuple(input_ids.shape)}"
         )
     batch, seq_len, vocab = logits.shape
-    b_idx, t_idx = _answer_positions(input_ids, completion_mask)
+    b_idx, t_idx = _answer_positions(input_ids, completion_mask, answer_index)
     # Row of the logit that predicts token t is t - 1, in the flattened [B*T, V] view.
     rows = b_idx * seq_len + (t_idx - 1)
     targets = input_ids[b_idx, t_idx].long()
@@ -199,6 +207,7 @@ def token_logps_from_hidden(
     *,
     lm_head_bias: torch.Tensor | None = None,
     chunk_rows: int = DEFAULT_HEAD_CHUNK_ROWS,
+    answer_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token answer log-probs from the final hidden states, fp32 ``[B, T]``; 0 off the answer.
 
@@ -215,13 +224,14 @@ def token_logps_from_hidden(
         input_ids: ``[B, T]`` integer token ids.
         completion_mask: ``[B, T]``, nonzero at answer tokens.
         lm_head_bias: ``[V]``, if the head has one.
+        answer_index: optional ``[A]`` answer positions, as ``token_logps`` takes them.
     """
     if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden [B, T, H] and input_ids [B, T], got {tuple(hidden.shape)} "
             f"and {tuple(input_ids.shape)}"
         )
-    b_idx, t_idx = _answer_positions(input_ids, completion_mask)
+    b_idx, t_idx = _answer_positions(input_ids, completion_mask, answer_index)
     targets = input_ids[b_idx, t_idx].long()
     picked = _HiddenTokenLogps.apply(hidden[b_idx, t_idx - 1], lm_head_weight, lm_head_bias, targets, chunk_rows)
     return _on_grid(picked, b_idx, t_idx, input_ids.shape)

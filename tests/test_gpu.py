@@ -146,3 +146,47 @@ def test_varlen_kernel_equals_per_sample_sdpa_with_gradients():
     torch.testing.assert_close(results["kernel"][0], results["per-sample sdpa"][0], atol=2e-2, rtol=2e-2)
     for got, want in zip(results["kernel"][1], results["per-sample sdpa"][1], strict=True):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_our_part_of_a_micro_batch_never_waits_for_the_device(layout):
+    """The trainer's own work per micro-batch asks the device for nothing, so the host keeps
+    queueing kernels while the GPU runs: the collated batch's copy to the GPU, the varlen
+    arguments, the answer-only head (forward and backward) from the final hidden states,
+    the packed sums, the loss and its statistics. Under ``set_sync_debug_mode("error")``
+    any blocking call raises. (transformers' mask preparation and DeepSpeed's step are not
+    ours: left out.)"""
+    from types import SimpleNamespace
+
+    from minorsft_core import losses
+    from minorsft_core.batching import pack, pad_right
+    from minorsft_core.logp_head import varlen_kwargs
+    from train import loop
+    from train.data import MicroBatch
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, vocab, width = [700, 3, 90, 17], 4096, 64
+    ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    masks = [[0] * max(1, n // 3) + [1] * (n - max(1, n // 3)) for n in lengths]
+    inputs = pack(ids, masks) if layout == "packed" else pad_right(ids, masks, 0)
+    batch = MicroBatch(inputs, answer_len=torch.tensor([float(sum(m)) for m in masks]),
+                       ref_logp_sum=torch.tensor([-9.0 * sum(m) for m in masks], dtype=torch.float64))
+    hidden = torch.randn(*inputs.input_ids.shape, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    config = SimpleNamespace(loss="minorsft", beta=0.04, token_normalize=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = batch.to("cuda")
+        given = on_gpu.inputs
+        if layout == "packed":
+            varlen_kwargs(given.sample_lengths, given.longest_sample)
+        per_token = losses.token_logps_from_hidden(hidden, weight, given.input_ids, given.completion_mask,
+                                                   answer_index=given.answer_index)
+        logps = per_token.sum(-1) if layout == "padded" else losses.packed_sums(per_token[0], given.sample_lengths)
+        loss = loop.compute_loss(config, logps, on_gpu.ref_logp_sum, on_gpu.answer_len, 2.0)
+        loss.backward()
+        loop._micro_stats(config, loss, logps, on_gpu.ref_logp_sum, on_gpu.answer_len)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item() and hidden.grad.abs().sum().item() > 0 and weight.grad is not None

@@ -200,6 +200,37 @@ def test_varlen_kwargs_equal_what_transformers_derives_from_the_position_ids():
     assert isinstance(given["max_length_q"], int)  # flash-attn wants a host int, not a device tensor
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batches_carry_the_answer_positions_and_longest_sample_made_on_the_host(layout):
+    """What spares the forward its device syncs: ``answer_index`` is exactly the answer
+    tokens' flat positions (what ``nonzero`` would give on the device), the packed row's
+    ``longest_sample`` its longest sample, and the head scores the same with them as
+    without. A sample (not only the first) that begins with an answer token is refused."""
+    from minorsft_core.batching import pack, pad_right
+    from minorsft_core.logp_head import varlen_kwargs
+
+    lengths = [300, 2, 41, 7, 160]
+    ids, masks = _samples(lengths)
+    inputs = pack(ids, masks) if layout == "packed" else pad_right(ids, masks, pad_token_id=0)
+    assert inputs.answer_index.tolist() == inputs.completion_mask.flatten().nonzero().flatten().tolist()
+    if layout == "packed":
+        assert inputs.longest_sample == 300
+        assert {k: v if isinstance(v, int) else v.tolist() for k, v in varlen_kwargs(
+            inputs.sample_lengths, inputs.longest_sample).items()} == \
+            {k: v if isinstance(v, int) else v.tolist() for k, v in varlen_kwargs(inputs.sample_lengths).items()}
+    else:
+        assert inputs.longest_sample is None
+    wrapper = AnswerLogps(_qwen2(tie=False, max_position_embeddings=2048))
+    kwargs = inputs.as_kwargs()
+    with torch.no_grad():
+        given = wrapper.token_logps(**kwargs)
+        derived = wrapper.token_logps(**{**kwargs, "answer_index": None, "longest_sample": None})
+    assert torch.equal(given, derived) and given.ne(0).sum() == inputs.answer_index.numel()
+    masks[2] = [1] * len(masks[2])  # sample 2 opens with an answer token
+    with pytest.raises(ValueError, match="sample 2 of the batch has completion_mask"):
+        pack(ids, masks) if layout == "packed" else pad_right(ids, masks, pad_token_id=0)
+
+
 def test_packed_sums_add_each_samples_own_tokens():
     per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], requires_grad=True)
     sums = packed_sums(per_token, torch.tensor([2, 1, 3]))

@@ -80,7 +80,8 @@ def _micro_stats(config, loss, policy_logps, ref_logp_sum, answer_len) -> tuple[
         losses.deviation(policy_logps, ref_logp_sum, answer_len, normalizer=1.0).double(),
         abs_deviation.sum().double(),
         coef.sum().double(), policy_logps.detach().sum().double(), ref_logp_sum.sum().double(),
-        answer_len.sum().double(), torch.tensor(float(len(answer_len)), dtype=torch.float64, device=coef.device),
+        # filled on the device: torch.tensor(x, device=cuda) would be a blocking host-to-device copy
+        answer_len.sum().double(), torch.full((), float(len(answer_len)), dtype=torch.float64, device=coef.device),
         torch.zeros((), dtype=torch.float64, device=coef.device),  # "stop", set once per step
         coef.max().double(), -coef.min().double(), abs_deviation.max().double(),
     ])
