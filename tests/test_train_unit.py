@@ -367,6 +367,34 @@ def test_op_builds_go_into_the_environment_unless_the_user_chose(monkeypatch, tm
     assert str(use_environment_build_dir()) == "/elsewhere"
 
 
+def test_op_builds_run_the_environments_own_ninja_whatever_the_callers_path(monkeypatch, tmp_path):
+    """The system's ninja and the environment's write incompatible build logs, so a
+    switch between them rebuilds DeepSpeed's op from scratch (seen twice in one CI run).
+    With a ninja in ``sys.prefix/bin`` that one comes first on PATH, once; without one,
+    PATH is left as it was."""
+    import os
+    import shutil
+    import sys
+
+    from train.ds_ops import use_environment_ninja
+
+    system = tmp_path / "system-bin"
+    for directory in (system, tmp_path / "env" / "bin"):
+        directory.mkdir(parents=True)
+        (directory / "ninja").write_text("#!/bin/sh\n")
+        (directory / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", str(system))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
+    use_environment_ninja()
+    use_environment_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [str(tmp_path / "env" / "bin"), str(system)]
+    assert shutil.which("ninja") == str(tmp_path / "env" / "bin" / "ninja")
+    monkeypatch.setenv("PATH", str(system))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "no-ninja-here"))
+    use_environment_ninja()
+    assert os.environ["PATH"] == str(system)
+
+
 def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
     """A lock in a build directory nothing has written to for longer than a build's
     pause is a killed build's: removed with a message (before: waited on forever, in

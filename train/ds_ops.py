@@ -7,12 +7,19 @@ user, though each build belongs to one torch). While a process builds, a ``lock`
 sits in the op's build directory; a process killed mid-build leaves it behind, and
 every later run then waits on it forever without a word.
 
+Builds run ninja, found on ``PATH``. A machine often has two: the system's and the
+``ninja`` wheel in the environment (on ``PATH`` only when the environment is activated,
+as job scripts do). Their build logs are incompatible (ninja 1.12 changed the log's
+format and command hash), so each switch between them rebuilds the op from scratch:
+50 s on an idle 2-core machine, twice within one CI test run before this was fixed.
+
 So: ``use_environment_build_dir`` puts the builds inside the environment that owns
 them (``sys.prefix/torch_extensions``, unless the user set ``TORCH_EXTENSIONS_DIR``),
+``use_environment_ninja`` makes every build run that environment's ninja when it has one,
 ``wait_for_build_lock`` says what it waits for and removes a lock nobody works under,
 and ``python -m train.ds_ops`` (``scripts/setup-cpu.sh``) builds the op at set-up time.
-Nothing here imports deepspeed at import time; ``train.engine`` calls the first two
-before it imports deepspeed.
+Nothing here imports deepspeed at import time; ``train.engine`` calls ``prepare_builds``
+(all but the last) before it imports deepspeed.
 """
 
 from __future__ import annotations
@@ -38,6 +45,18 @@ def use_environment_build_dir() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(get_default_build_root())
+
+
+def use_environment_ninja() -> None:
+    """Put ``sys.prefix/bin`` first on ``PATH`` when it holds a ``ninja``: every build of this
+    environment's ops then runs the same ninja, whoever started the process and with
+    whatever ``PATH`` (see the module docstring). Without one, ``PATH`` is left alone."""
+    bin_dir = Path(sys.prefix) / "bin"
+    if not (bin_dir / "ninja").is_file():
+        return
+    entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
+    if not entries or entries[0] != str(bin_dir):
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), *entries])
 
 
 def wait_for_build_lock(op_dir: Path, *, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0,
@@ -69,6 +88,7 @@ def prepare_builds() -> None:
     """Before deepspeed is imported: builds in this environment, no stale lock waited on.
     Only local rank 0 clears a stale lock; the other ranks wait in DeepSpeed's own loop."""
     build_dir = use_environment_build_dir()
+    use_environment_ninja()
     if os.environ.get("LOCAL_RANK", "0") == "0":
         wait_for_build_lock(build_dir / SHM_COMM_OP)
 

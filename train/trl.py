@@ -50,6 +50,7 @@ from minorsft_core.schema import (
     ShardMetadata,
 )
 from train.data import TRAIN_COLUMNS, batch_records, open_shards
+from train.ds_ops import prepare_builds
 from train.loop import _EXTREMES, _SUMS, _micro_stats, agreement_with_reference, compute_loss, parity_failures
 from train.stage_one import check_tokenizer, scan_stage_one
 
@@ -121,6 +122,8 @@ class MinorSFTConfig(SFTConfig):
                                         "decides the longest sample"})
 
     def __post_init__(self):
+        if self.deepspeed:  # set before TRL starts DeepSpeed, which JIT-builds its ops (train.ds_ops)
+            prepare_builds()
         super().__post_init__()
         if self.loss not in ("minorsft", "sft", "dpo_sft"):
             raise ConfigError(f"loss: {self.loss!r} is not one of minorsft, sft, dpo_sft")
