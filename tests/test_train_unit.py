@@ -425,6 +425,53 @@ def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
     assert len(said) == 1 and "waiting for another process's build" in said[0] and str(live / "lock") in said[0]
 
 
+def _wait_behind_slow_rank_zero(rank: int, init_file: str, through_io_barrier: bool, results) -> None:
+    """One of two gloo ranks whose collectives time out after 2 s; rank 0 first does 6 s
+    of "file work", then both meet at a barrier."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from train.engine import io_barrier, io_wait_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))
+    group = io_wait_group(timedelta(seconds=60))
+    if rank == 0:
+        time.sleep(6)
+    try:
+        io_barrier(group) if through_io_barrier else dist.barrier()
+        results.put((rank, "met"))
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(error).__name__}: {error}"))
+
+
+@pytest.mark.parametrize("through_io_barrier", [True, False], ids=["io_barrier", "plain-barrier"])
+def test_ranks_wait_out_rank_zeros_file_work_longer_than_the_collective_timeout(tmp_path, through_io_barrier):
+    """Rank 0 alone converts a checkpoint, builds the data cache or writes the final model
+    while the others wait; on a real model that can outlast the collectives' timeout
+    (10 min by default), which would kill every requeued job that resumes on another
+    world size. ``io_barrier`` waits on a gloo group with its own timeout: here 6 s of
+    rank-0 work against a 2 s collective timeout. Negative control: a plain barrier
+    times out."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_wait_behind_slow_rank_zero,
+                             args=(rank, str(tmp_path / "init"), through_io_barrier, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    outcome = dict(results.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+    if through_io_barrier:
+        assert outcome == {0: "met", 1: "met"}
+    else:
+        assert "timed out" in outcome[1].lower(), outcome  # rank 1 gave up waiting for rank 0
+
+
 def test_a_group_of_one_chooses_another_port_when_its_port_is_taken(tmp_path):
     """`minorsft train` run directly picks a free port for its one-rank group; another
     process can take it before the group listens (two trainers starting side by side).

@@ -13,6 +13,9 @@ imports it.
 - checkpoints (DeepSpeed's, plus per-rank RNG state), committed atomically (see
   ``train.checkpoints``) and resumable on another world size through DeepSpeed's
   universal format; the final HF directory gathered from the partitions.
+- ``io_barrier``: where ranks wait on file-system work (rank 0 building the data cache,
+  converting or committing a checkpoint, writing the final model; every rank writing
+  its partition), which on a real model can outlast the collectives' timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import socket
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,6 +49,28 @@ ON_GPU = torch.cuda.is_available()
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates: one warning per
 # micro-step would drown the progress bar and the real warnings.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+# How long ranks wait at an ``io_barrier``. The collectives' own timeout (DeepSpeed's
+# default, 10 min, or DEEPSPEED_TIMEOUT) is sized for work every rank does together; one
+# rank converting a 7B checkpoint to the universal format reads and writes ~170 GB, and
+# fsyncing or writing a checkpoint on a network file system can take as long.
+IO_WAIT_TIMEOUT = timedelta(hours=4)
+_io_group = None  # the gloo group of io_barrier, made by init_distributed
+
+
+def io_wait_group(timeout: timedelta = IO_WAIT_TIMEOUT):
+    """A gloo group of every rank with a timeout of its own (a collective: every rank
+    calls it, in the same order). Gloo, also beside NCCL: a wait on the host needs no
+    device, and no NCCL collective is left pending for its watchdog to time out."""
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def io_barrier(group=None) -> None:
+    """A barrier for waits on file-system work, through ``io_wait_group``: it outlasts the
+    collectives' timeout (``IO_WAIT_TIMEOUT``). If a rank dies meanwhile, torchrun stops
+    the others."""
+    dist.barrier(group=group or _io_group)
 
 
 def deepspeed_arch_list(arch_list: str) -> str:
@@ -106,6 +132,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         _create_group_of_one(backend)
     else:
         deepspeed.init_distributed(dist_backend=backend)
+    global _io_group
+    _io_group = io_wait_group()
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -236,12 +264,12 @@ def save_checkpoint(engine, root: Path, step: int, keep: int, record: dict) -> N
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if ON_GPU else None}
     torch.save(rng, _rng_path(root / tag, dist.get_rank()))
-    dist.barrier()
+    io_barrier()
     if dist.get_rank() == 0:
         checkpoints.commit(root, tag, {**record, "step": step, "world_size": dist.get_world_size(),
                                        "zero_stage": engine.zero_optimization_stage()})
         checkpoints.rotate(root, keep)
-    dist.barrier()
+    io_barrier()
 
 
 def prepare_resume(root: Path, resume: dict | None, ds: dict) -> None:
@@ -257,7 +285,7 @@ def prepare_resume(root: Path, resume: dict | None, ds: dict) -> None:
               f"{dist.get_world_size()}: converting it to DeepSpeed's universal checkpoint format", file=sys.stderr,
               flush=True)
         _convert_to_universal(root / resume["tag"], target)
-    dist.barrier()
+    io_barrier()
     ds.setdefault("checkpoint", {})["load_universal"] = True
 
 
@@ -291,7 +319,7 @@ def load_checkpoint(engine, root: Path, resume: dict | None) -> int:
     if path is None:
         raise RuntimeError(f"{root}: could not load the committed checkpoint {tag}")
     if universal:
-        dist.barrier()
+        io_barrier()
         if dist.get_rank() == 0:  # loaded; the next commit supersedes it (a kill before that converts again)
             shutil.rmtree(root / checkpoints.universal_name(tag))
     rng = torch.load(_rng_path(root / tag, dist.get_rank() % resume["world_size"]), weights_only=False)
@@ -313,4 +341,4 @@ def save_final(engine, tokenizer, output: Path) -> None:
         model.config.use_cache = True  # restore the generation default turned off for training
         model.save_pretrained(output, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(output)
-    dist.barrier()
+    io_barrier()

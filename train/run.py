@@ -273,7 +273,7 @@ def _train(config: TrainConfig, scanned: ScannedOutput, tokenizer) -> int:
         output.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_uncommitted(checkpoint_root, config.save_total_limit)  # what a kill left behind
         open_shards(scanned, output / "data-cache")  # build the Arrow cache once, before the others read it
-    dist.barrier()
+    ds.io_barrier()  # a big data set's cache can take longer than a collective may
     resume = checkpoints.committed(checkpoint_root)
     if config.zero_stage is None:
         config = dataclasses.replace(config, zero_stage=default_zero_stage(world, resume and resume["zero_stage"]))
