@@ -59,6 +59,25 @@ def test_deepspeed_json_must_agree_with_zero_stage(tmp_path):
     assert result.exit_code == EXIT_USAGE and "not a readable JSON object" in result.output
 
 
+def test_gpu_node_that_cannot_compile_the_optimizer_is_refused_before_loading(tmp_path, monkeypatch):
+    """On a CUDA node without a usable nvcc, DeepSpeed's fused Adam would fail to build
+    once the model is loaded. The refusal comes first: exit 2 with the fix, before the
+    (here missing) data is even looked at. The node's facts are what is faked: this
+    machine has no GPU. Offloading the optimizer to the CPU needs no fused Adam."""
+    import torch
+
+    from train import ds_ops, run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run._uses_fused_adam({}) and run._uses_fused_adam({"zero_optimization": {"stage": 3}})
+    assert not run._uses_fused_adam({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    monkeypatch.setattr(run, "_uses_fused_adam", lambda ds_json: True)
+    monkeypatch.setattr(ds_ops, "fused_adam_facts", lambda: dict(cuda_home=None, torch_cuda="12.8", prebuilt=False))
+    result = _invoke("train", "--data", tmp_path / "none", "--model", tmp_path / "none", "--output", tmp_path / "o")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "fused Adam" in result.output and "DS_BUILD_FUSED_ADAM=1" in result.output
+
+
 def test_max_seq_len_defaults_to_the_model_context(tiny_model_dir, tmp_path):
     """The tiny model has 2048 positions: the default is 2048, not 4096 (which made a new
     user's first run on a small model fail); an explicit larger value is an option error."""

@@ -197,3 +197,17 @@ def test_our_part_of_a_micro_batch_never_waits_for_the_device(layout):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and hidden.grad.abs().sum().item() > 0 and weight.grad is not None
+
+
+def test_preflight_finds_the_gpu_optimizer_buildable_where_it_builds():
+    """The preflight's fused-Adam check (``train.ds_ops.fused_adam_problem``) on the machine
+    where the training tests above build and run DeepSpeed's fused Adam: it must find no
+    problem there, or it would refuse jobs that run."""
+    from train.ds_ops import fused_adam_facts, fused_adam_problem
+    from train.run import _uses_fused_adam
+
+    assert _uses_fused_adam({}) and not _uses_fused_adam({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    assert fused_adam_problem(**fused_adam_facts()) is None
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    FusedAdamBuilder().load()  # builds (or loads) it, as the engine will

@@ -425,6 +425,76 @@ def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
     assert len(said) == 1 and "waiting for another process's build" in said[0] and str(live / "lock") in said[0]
 
 
+def _toolkit(root, release: str):
+    """A CUDA toolkit directory whose ``bin/nvcc --version`` prints what NVIDIA's prints."""
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    f"echo 'Cuda compilation tools, release {release}, V{release}.41'\n")
+    nvcc.chmod(0o755)
+    return str(root)
+
+
+def test_gpu_optimizer_build_refused_up_front_without_a_matching_nvcc(tmp_path):
+    """On a GPU, DeepSpeed compiles its fused Adam with nvcc once the model is loaded; the
+    preflight says beforehand, naming what is missing and the fixes, when torch's own
+    checks would stop that build: no toolkit, no runnable nvcc, another major CUDA."""
+    from train.ds_ops import fused_adam_problem
+
+    fixes = ("CUDA 12.x toolkit", "CUDA_HOME", "DS_BUILD_FUSED_ADAM=1")
+    missing = fused_adam_problem(cuda_home=None, torch_cuda="12.8", prebuilt=False)
+    assert "no CUDA toolkit found" in missing and all(fix in missing for fix in fixes)
+    no_nvcc = fused_adam_problem(cuda_home=str(tmp_path / "empty"), torch_cuda="12.8", prebuilt=False)
+    assert str(tmp_path / "empty" / "bin" / "nvcc") in no_nvcc and all(fix in no_nvcc for fix in fixes)
+    other_major = fused_adam_problem(cuda_home=_toolkit(tmp_path / "cuda-13.0", "13.0"), torch_cuda="12.8",
+                                     prebuilt=False)
+    assert "is CUDA 13.0, torch was built with CUDA 12.8" in other_major and all(fix in other_major for fix in fixes)
+    # What builds: the same major (torch only warns about the minor), a prebuilt op, a CPU torch.
+    assert fused_adam_problem(cuda_home=_toolkit(tmp_path / "cuda-12.4", "12.4"), torch_cuda="12.8",
+                              prebuilt=False) is None
+    assert fused_adam_problem(cuda_home=None, torch_cuda="12.8", prebuilt=True) is None
+    assert fused_adam_problem(cuda_home=None, torch_cuda=None, prebuilt=False) is None
+
+
+def test_gpu_optimizer_check_reads_a_real_nvcc():
+    """The version check on the machine's own CUDA toolkit, when it has one."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from train.ds_ops import fused_adam_problem
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    cuda_home = str(Path(nvcc).resolve().parent.parent)
+    release = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.split("release ")[1]
+    major = int(release.split(".")[0])
+    assert fused_adam_problem(cuda_home=cuda_home, torch_cuda=f"{major}.0", prebuilt=False) is None
+    assert f"torch was built with CUDA {major + 1}.0" in fused_adam_problem(
+        cuda_home=cuda_home, torch_cuda=f"{major + 1}.0", prebuilt=False)
+
+
+def test_a_killed_gpu_optimizer_build_does_not_hold_up_the_next_run(monkeypatch, tmp_path):
+    """A GPU job preempted while compiling fused Adam leaves the op's lock behind; the
+    next run's set-up removes it like the CPU op's, instead of waiting forever."""
+    import os
+    import time
+
+    from train.ds_ops import FUSED_ADAM_OP, prepare_builds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after: prepare_builds may prepend the venv
+    op_dir = tmp_path / FUSED_ADAM_OP
+    op_dir.mkdir()
+    for name in ("lock", "build.ninja", "multi_tensor_adam.cuda.o"):
+        (op_dir / name).write_text("")
+        os.utime(op_dir / name, (time.time() - 3600, time.time() - 3600))
+    prepare_builds()
+    assert not (op_dir / "lock").exists()
+
+
 def _wait_behind_slow_rank_zero(rank: int, init_file: str, through_io_barrier: bool, results) -> None:
     """One of two gloo ranks whose collectives time out after 2 s; rank 0 first does 6 s
     of "file work", then both meet at a barrier."""

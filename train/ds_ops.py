@@ -20,16 +20,24 @@ them (``sys.prefix/torch_extensions``, unless the user set ``TORCH_EXTENSIONS_DI
 and ``python -m train.ds_ops`` (``scripts/setup-cpu.sh``) builds the op at set-up time.
 Nothing here imports deepspeed at import time; ``train.engine`` calls ``prepare_builds``
 (all but the last) before it imports deepspeed.
+
+On a GPU the op built on first use is DeepSpeed's fused Adam (the optimizer's CUDA
+kernel), compiled with the CUDA toolkit's ``nvcc``, which PyPI's torch does not bring.
+``fused_adam_problem`` says, before any model is loaded, why that build would fail here;
+without it the job fails only once the model is loaded and the engine built.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME in deepspeed 0.19
+FUSED_ADAM_OP = "fused_adam"  # FusedAdamBuilder.NAME: the GPU optimizer's kernel
 # A build writes object files every few seconds; a lock whose build directory has seen
 # no write for this long belongs to a build that was killed.
 STALE_AFTER_S = 300
@@ -90,7 +98,48 @@ def prepare_builds() -> None:
     build_dir = use_environment_build_dir()
     use_environment_ninja()
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        wait_for_build_lock(build_dir / SHM_COMM_OP)
+        for op in (SHM_COMM_OP, FUSED_ADAM_OP):
+            wait_for_build_lock(build_dir / op)
+
+
+def fused_adam_problem(*, cuda_home: str | None, torch_cuda: str | None, prebuilt: bool) -> str | None:
+    """Why DeepSpeed's fused Adam cannot be JIT-built here, or None when it can (or needs no
+    build: ``prebuilt``, installed with ``DS_BUILD_FUSED_ADAM=1``). The checks are torch's
+    own before it compiles (``cpp_extension._check_cuda_version``): a toolkit under
+    ``cuda_home`` (torch's ``CUDA_HOME``: the variable, else ``nvcc`` on ``PATH``, else
+    ``/usr/local/cuda``) with a runnable ``bin/nvcc`` whose major CUDA version is torch's."""
+    if prebuilt or torch_cuda is None:
+        return None
+    fix = (f"install the CUDA {torch_cuda.split('.')[0]}.x toolkit (nvcc) torch was built for (CUDA {torch_cuda}), "
+           "or load it (`module load cuda/...`) and set CUDA_HOME to it; or install DeepSpeed with the op "
+           "prebuilt: DS_BUILD_FUSED_ADAM=1 pip install --no-build-isolation deepspeed")
+    if cuda_home is None:
+        return f"no CUDA toolkit found (CUDA_HOME unset, no nvcc on PATH, no /usr/local/cuda): {fix}"
+    nvcc = Path(cuda_home) / "bin" / "nvcc"
+    try:
+        version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=120,
+                                 check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"CUDA_HOME is {cuda_home}, but {nvcc} does not run ({err}): {fix}"
+    found = re.search(r"release (\d+)\.(\d+)", version)
+    if found and found.group(1) != torch_cuda.split(".")[0]:
+        return f"{nvcc} is CUDA {found.group(1)}.{found.group(2)}, torch was built with CUDA {torch_cuda}: {fix}"
+    return None
+
+
+def fused_adam_facts() -> dict:
+    """This machine's arguments of ``fused_adam_problem`` (imports deepspeed, for its record of
+    prebuilt ops)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    prepare_builds()
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    return dict(cuda_home=CUDA_HOME, torch_cuda=torch.version.cuda,
+                prebuilt=bool(installed_ops.get(FUSED_ADAM_OP, False)))
 
 
 def build_ops() -> Path:

@@ -170,10 +170,11 @@ def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
 
     Layout(config.global_batch_size, config.micro_batch_size, world_size,
            max_tokens=config.max_tokens_per_micro_batch, packed=config.packing)
-    json_stage = "auto"
+    ds_json, json_stage = {}, "auto"
     if config.deepspeed:
         try:
-            json_stage = json.loads(Path(config.deepspeed).read_text()).get("zero_optimization", {}).get("stage", "auto")
+            ds_json = json.loads(Path(config.deepspeed).read_text())
+            json_stage = ds_json.get("zero_optimization", {}).get("stage", "auto")
         except (OSError, ValueError, AttributeError) as err:
             raise ConfigError(f"--deepspeed {config.deepspeed}: not a readable JSON object ({err})") from err
     # One stage for both: config.yaml records the one that runs. A JSON naming another
@@ -189,11 +190,28 @@ def resolve_options(config: TrainConfig, world_size: int) -> TrainConfig:
             f"{config.zero_stage}: drop one of them, or make them agree")
     else:
         stage = json_stage
+    if _uses_fused_adam(ds_json):
+        from train import ds_ops
+
+        problem = ds_ops.fused_adam_problem(**ds_ops.fused_adam_facts())
+        if problem:
+            raise ConfigError(f"on a GPU the optimizer is DeepSpeed's fused Adam, compiled on first use, and it "
+                              f"cannot be compiled here: {problem}")
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package; install it, or "
                           "use varlen (PyTorch's own flash varlen kernel) or sdpa")
     return dataclasses.replace(config, zero_stage=stage,
                                attn_implementation=attention.resolve(config.attn_implementation, packing=config.packing))
+
+
+def _uses_fused_adam(ds_json: dict) -> bool:
+    """Whether DeepSpeed will build its fused Adam: on a CUDA GPU (not ROCm), unless the
+    user's JSON offloads the optimizer (then its CPU Adam runs)."""
+    import torch
+
+    offload = ds_json.get("zero_optimization", {}).get("offload_optimizer")
+    offloaded = isinstance(offload, dict) and offload.get("device", "none") in ("cpu", "nvme")
+    return torch.cuda.is_available() and torch.version.hip is None and not offloaded
 
 
 def _on_every_rank(check, config: TrainConfig):
