@@ -134,8 +134,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend=backend)
     global _io_group
     _io_group = io_wait_group()
+    release_shared_memory_names()
     device = torch.device("cuda", local_rank) if ON_GPU else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shm_buffer(rank: int) -> Path:
+    """The shared-memory file of ``rank``'s all-reduce workspace, named as DeepSpeed 0.19's
+    CPU communication op names it (``shm_initialize``: uid, master address and port, rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shared_memory_names() -> None:
+    """On CPU under the ``deepspeed`` launcher (which sets ``LOCAL_SIZE``), DeepSpeed's
+    communication op gives each rank a 69 MB shared-memory workspace (``shm_buffer``),
+    maps every peer's, and never unlinks them: each run left them in ``/dev/shm``, in RAM,
+    until the machine rebooted. Once every rank has mapped every peer's (the barrier:
+    DeepSpeed's set-up returns only then), the names serve nothing; unlinked, the memory
+    goes with the last process, however the job ends. A collective."""
+    if ON_GPU or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    io_barrier()
+    shm_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def ds_config(config, *, micro: int, accumulation: int, dtype: torch.dtype) -> dict:
