@@ -30,7 +30,7 @@ from train.metrics import METRIC_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6  # 8 samples in global batches of 4: three epochs
+STEPS = 10  # 8 samples in global batches of 4: five epochs; each interruption below leaves steps to do
 TIMING_KEYS = {"samples_per_s", "tokens_per_s"}
 KILL_SEED = 8
 
