@@ -72,7 +72,8 @@ def test_gpu_node_that_cannot_compile_the_optimizer_is_refused_before_loading(tm
     assert run._uses_fused_adam({}) and run._uses_fused_adam({"zero_optimization": {"stage": 3}})
     assert not run._uses_fused_adam({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
     monkeypatch.setattr(run, "_uses_fused_adam", lambda ds_json: True)
-    monkeypatch.setattr(ds_ops, "fused_adam_facts", lambda: dict(cuda_home=None, torch_cuda="12.8", prebuilt=False))
+    monkeypatch.setattr(ds_ops, "fused_adam_facts", lambda: dict(cuda_home=None, torch_cuda="12.8", prebuilt=False,
+                                                                 built=False))
     result = _invoke("train", "--data", tmp_path / "none", "--model", tmp_path / "none", "--output", tmp_path / "o")
     assert result.exit_code == EXIT_USAGE, result.output
     assert "fused Adam" in result.output and "DS_BUILD_FUSED_ADAM=1" in result.output

@@ -437,23 +437,28 @@ def _toolkit(root, release: str):
 
 def test_gpu_optimizer_build_refused_up_front_without_a_matching_nvcc(tmp_path):
     """On a GPU, DeepSpeed compiles its fused Adam with nvcc once the model is loaded; the
-    preflight says beforehand, naming what is missing and the fixes, when torch's own
-    checks would stop that build: no toolkit, no runnable nvcc, another major CUDA."""
+    preflight says beforehand, naming what is missing and the fixes, when that load
+    would fail: no toolkit (torch links against it even for a cached build), or, when the
+    op must be compiled, no runnable nvcc or another major CUDA than torch's."""
+    from functools import partial
+
     from train.ds_ops import fused_adam_problem
 
+    to_build = partial(fused_adam_problem, torch_cuda="12.8", prebuilt=False, built=False)
     fixes = ("CUDA 12.x toolkit", "CUDA_HOME", "DS_BUILD_FUSED_ADAM=1")
-    missing = fused_adam_problem(cuda_home=None, torch_cuda="12.8", prebuilt=False)
+    missing = to_build(cuda_home=None)
     assert "no CUDA toolkit found" in missing and all(fix in missing for fix in fixes)
-    no_nvcc = fused_adam_problem(cuda_home=str(tmp_path / "empty"), torch_cuda="12.8", prebuilt=False)
+    no_nvcc = to_build(cuda_home=str(tmp_path / "empty"))
     assert str(tmp_path / "empty" / "bin" / "nvcc") in no_nvcc and all(fix in no_nvcc for fix in fixes)
-    other_major = fused_adam_problem(cuda_home=_toolkit(tmp_path / "cuda-13.0", "13.0"), torch_cuda="12.8",
-                                     prebuilt=False)
+    other_major = to_build(cuda_home=_toolkit(tmp_path / "cuda-13.0", "13.0"))
     assert "is CUDA 13.0, torch was built with CUDA 12.8" in other_major and all(fix in other_major for fix in fixes)
-    # What builds: the same major (torch only warns about the minor), a prebuilt op, a CPU torch.
-    assert fused_adam_problem(cuda_home=_toolkit(tmp_path / "cuda-12.4", "12.4"), torch_cuda="12.8",
-                              prebuilt=False) is None
-    assert fused_adam_problem(cuda_home=None, torch_cuda="12.8", prebuilt=True) is None
-    assert fused_adam_problem(cuda_home=None, torch_cuda=None, prebuilt=False) is None
+    # What loads: the same major (torch only warns about the minor); an op built before
+    # (no nvcc runs, but torch still links against CUDA_HOME); a prebuilt op; a CPU torch.
+    assert to_build(cuda_home=_toolkit(tmp_path / "cuda-12.4", "12.4")) is None
+    assert to_build(cuda_home=str(tmp_path / "empty"), built=True) is None
+    assert "no CUDA toolkit found" in to_build(cuda_home=None, built=True)
+    assert to_build(cuda_home=None, prebuilt=True) is None
+    assert to_build(cuda_home=None, torch_cuda=None) is None
 
 
 def test_gpu_optimizer_check_reads_a_real_nvcc():
@@ -470,9 +475,9 @@ def test_gpu_optimizer_check_reads_a_real_nvcc():
     cuda_home = str(Path(nvcc).resolve().parent.parent)
     release = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.split("release ")[1]
     major = int(release.split(".")[0])
-    assert fused_adam_problem(cuda_home=cuda_home, torch_cuda=f"{major}.0", prebuilt=False) is None
+    assert fused_adam_problem(cuda_home=cuda_home, torch_cuda=f"{major}.0", prebuilt=False, built=False) is None
     assert f"torch was built with CUDA {major + 1}.0" in fused_adam_problem(
-        cuda_home=cuda_home, torch_cuda=f"{major + 1}.0", prebuilt=False)
+        cuda_home=cuda_home, torch_cuda=f"{major + 1}.0", prebuilt=False, built=False)
 
 
 def test_a_killed_gpu_optimizer_build_does_not_hold_up_the_next_run(monkeypatch, tmp_path):

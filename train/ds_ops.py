@@ -102,12 +102,17 @@ def prepare_builds() -> None:
             wait_for_build_lock(build_dir / op)
 
 
-def fused_adam_problem(*, cuda_home: str | None, torch_cuda: str | None, prebuilt: bool) -> str | None:
-    """Why DeepSpeed's fused Adam cannot be JIT-built here, or None when it can (or needs no
-    build: ``prebuilt``, installed with ``DS_BUILD_FUSED_ADAM=1``). The checks are torch's
-    own before it compiles (``cpp_extension._check_cuda_version``): a toolkit under
-    ``cuda_home`` (torch's ``CUDA_HOME``: the variable, else ``nvcc`` on ``PATH``, else
-    ``/usr/local/cuda``) with a runnable ``bin/nvcc`` whose major CUDA version is torch's."""
+def fused_adam_problem(*, cuda_home: str | None, torch_cuda: str | None, prebuilt: bool,
+                       built: bool) -> str | None:
+    """Why DeepSpeed's fused Adam cannot be loaded here, or None when it can.
+
+    ``prebuilt``: installed with ``DS_BUILD_FUSED_ADAM=1``, nothing to build. Otherwise
+    torch's JIT loader writes the link flags from ``cuda_home`` (torch's ``CUDA_HOME``: the
+    variable, else ``nvcc`` on ``PATH``, else ``/usr/local/cuda``) and raises without one,
+    even when the op is ``built`` already (a cached build loads without compiling).
+    When the op must be compiled, ``bin/nvcc`` must run, and its major CUDA version must be
+    torch's: torch's and DeepSpeed's set-up builds refuse another one
+    (``cpp_extension._check_cuda_version``, ``assert_no_cuda_mismatch``)."""
     if prebuilt or torch_cuda is None:
         return None
     fix = (f"install the CUDA {torch_cuda.split('.')[0]}.x toolkit (nvcc) torch was built for (CUDA {torch_cuda}), "
@@ -115,6 +120,8 @@ def fused_adam_problem(*, cuda_home: str | None, torch_cuda: str | None, prebuil
            "prebuilt: DS_BUILD_FUSED_ADAM=1 pip install --no-build-isolation deepspeed")
     if cuda_home is None:
         return f"no CUDA toolkit found (CUDA_HOME unset, no nvcc on PATH, no /usr/local/cuda): {fix}"
+    if built:
+        return None
     nvcc = Path(cuda_home) / "bin" / "nvcc"
     try:
         version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=120,
@@ -134,12 +141,13 @@ def fused_adam_facts() -> dict:
     from torch.utils.cpp_extension import CUDA_HOME
 
     prepare_builds()
+    built = any((use_environment_build_dir() / FUSED_ADAM_OP).glob(f"{FUSED_ADAM_OP}*.so"))
     try:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         installed_ops = {}
     return dict(cuda_home=CUDA_HOME, torch_cuda=torch.version.cuda,
-                prebuilt=bool(installed_ops.get(FUSED_ADAM_OP, False)))
+                prebuilt=bool(installed_ops.get(FUSED_ADAM_OP, False)), built=built)
 
 
 def build_ops() -> Path:
